@@ -1,0 +1,161 @@
+"""Defaults shared by every config, and the one parser for the text after ``:`` in ``--config``.
+
+A config file is selected as ``--config configs/<file>.py:<arg>``. The arg is a comma-separated list
+of words and ``key=value`` pairs, e.g. ``bottle,method=ae_unet,smoke``: a bare word that names a
+category selects it, ``smoke`` selects the seconds-long CPU variant, ``key=value`` sets a known key.
+"""
+
+from __future__ import annotations
+
+from ml_collections import config_dict
+
+# MVTec AD's texture categories: kept at 2x the working size, warped, cropped (paper 3.3).
+MVTEC_TEXTURES = ('carpet', 'grid', 'leather', 'tile', 'wood')
+MVTEC_OBJECTS = ('bottle', 'cable', 'capsule', 'hazelnut', 'metal_nut', 'pill', 'screw',
+                 'toothbrush', 'transistor', 'zipper')
+MVTEC_CATEGORIES = ('bottle', 'cable', 'capsule', 'carpet', 'grid', 'hazelnut', 'leather',
+                    'metal_nut', 'pill', 'screw', 'tile', 'toothbrush', 'transistor', 'wood',
+                    'zipper')
+# Categories where a flip does not change what counts as normal ("wherever possible", paper 3.3):
+# textures, and objects that are symmetric in the image plane. Flips off for the others.
+MVTEC_FLIP_OK = MVTEC_TEXTURES + ('bottle', 'hazelnut', 'metal_nut', 'screw')
+
+SYNTHETIC_TEXTURES = ('brick', 'grass', 'gravel')
+SYNTHETIC_OBJECTS = ('washer', 'pcb')
+SYNTHETIC_CATEGORIES = SYNTHETIC_TEXTURES + SYNTHETIC_OBJECTS
+
+METHODS = ('pca', 'anogan', 'ae', 'unet', 'pi_model', 'mean_teacher', 'ae_unet')
+
+
+def parse_arg(arg: str | None) -> tuple[list[str], dict[str, str]]:
+  """Splits ``'bottle,smoke,method=ae'`` into words ``['bottle', 'smoke']`` and ``{'method': 'ae'}``."""
+  words, pairs = [], {}
+  for part in (arg or '').split(','):
+    part = part.strip()
+    if not part:
+      continue
+    if '=' in part:
+      key, value = part.split('=', 1)
+      pairs[key.strip()] = value.strip()
+    else:
+      words.append(part)
+  return words, pairs
+
+
+def apply_pairs(config: config_dict.ConfigDict, pairs: dict[str, str], where: str) -> None:
+  """Sets ``key=value`` pairs from a config arg, with the type of the existing field."""
+  for key, text in pairs.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      if p not in node:
+        raise ValueError(f'{where}: unknown config key {key!r} in the config arg.')
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f'{where}: unknown config key {key!r} in the config arg; '
+                       f'known keys here: {sorted(node.keys())}.')
+    current = node[leaf]
+    field_type = node.get_type(leaf) if hasattr(node, 'get_type') else type(current)
+    try:
+      if field_type is bool:
+        if text.lower() not in ('true', 'false', '1', '0'):
+          raise ValueError(text)
+        value = text.lower() in ('true', '1')
+      elif field_type in (int, float, str):
+        value = field_type(text)
+      else:
+        value = text
+    except ValueError as e:
+      raise ValueError(f'{where}: config arg {key}={text!r} is not a valid '
+                       f'{getattr(field_type, "__name__", field_type)}.') from e
+    node[leaf] = value
+
+
+def get_base_config() -> config_dict.ConfigDict:
+  """The paper's settings (section 4.2); dataset files override data fields and sizes."""
+  c = config_dict.ConfigDict()
+  c.method = 'ae_unet'  # one of METHODS
+  c.seed = 0  # model init, augmentation and batch order
+
+  c.data = config_dict.ConfigDict()
+  c.data.name = 'synthetic_defects'  # 'synthetic_defects' | 'mvtec_ad' | 'folder'
+  c.data.category = 'brick'
+  c.data.root = config_dict.placeholder(str)  # folder tree, or MVTec's manual dir (tar.xz or tree)
+  c.data.data_dir = config_dict.placeholder(str)  # TFDS data dir; unset: $SEMISEG_DATA_DIR or ~/tensorflow_datasets
+  c.data.image_size = 256  # network input; for textures the crop (stored at 2x, paper 3.3)
+  c.data.texture = False  # set from the category by the dataset config
+  c.data.k_labeled = 1  # labeled images per defect type, taken from test (paper 4.1)
+  c.data.split_seed = 0
+  c.data.prefetch = 2  # batches prepared ahead by a background thread
+
+  c.batch_size = 16  # global batch of the method's primary stream
+  c.unlabeled_batch_size = 16  # unlabeled part of a semi-supervised batch (pi_model, mean_teacher)
+  c.num_epochs = 200
+  c.steps_per_epoch = config_dict.placeholder(int)  # unset: ceil(primary stream size / batch_size)
+  c.num_train_steps = config_dict.placeholder(int)  # overrides num_epochs * steps_per_epoch
+  c.log_every_steps = 50
+  c.eval_batch_size = 16
+
+  c.augment = config_dict.ConfigDict()
+  c.augment.enabled = True
+  c.augment.max_rotation_deg = 15.0
+  c.augment.max_translate = 0.1  # fraction of the image side
+  c.augment.flip_x = True
+  c.augment.flip_y = True
+  c.augment.border = 'constant'  # 'constant' | 'reflect' | 'edge'; textures use 'reflect'
+
+  c.model = config_dict.ConfigDict()
+  c.model.ae_features = (32, 64, 128, 256, 256)  # encoder widths; each level halves H and W
+  c.model.latent_dim = 500
+  c.model.ae_loss = 'mse'  # 'mse' | 'ssim'
+  c.model.unet_features = 64
+  c.model.unet_depth = 4
+  c.model.unet_input = 'image+diff'  # ae_unet: 'image' | 'diff' | 'image+diff' (Table 4)
+  c.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+
+  c.optim = config_dict.ConfigDict()
+  c.optim.learning_rate = 1e-4
+  c.optim.decay_rate = 0.8
+  c.optim.decay_every_epochs = 30
+
+  c.ae_workdir = config_dict.placeholder(str)  # ae_unet: trained AE; unset: <workdir>/ae, trained first
+  c.threshold = 0.5  # score maps of probability methods; fitted rule for anomaly methods
+  c.threshold_rule = 'labeled'  # anomaly-score methods: 'labeled' (max TPR-FPR) | 'oracle' | 'fixed'
+
+  c.ckpt = config_dict.ConfigDict()
+  c.ckpt.every_steps = 500
+  c.ckpt.keep = 2
+
+  c.method_kwargs = config_dict.ConfigDict()  # per-method knobs, filled by the method's defaults
+  return c
+
+
+def smoke(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+  """Seconds on a CPU: tiny images, tiny networks, a few steps."""
+  c.data.image_size = 32
+  c.batch_size = 4
+  c.unlabeled_batch_size = 4
+  c.eval_batch_size = 8
+  c.num_train_steps = 4
+  c.log_every_steps = 2
+  c.ckpt.every_steps = 2
+  c.model.ae_features = (8, 16)
+  c.model.latent_dim = 16
+  c.model.unet_features = 4
+  c.model.unet_depth = 2
+  return c
+
+
+def cpu(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+  """The paper's method at a size a 2-core CPU trains in minutes."""
+  c.data.image_size = 64
+  c.batch_size = 8
+  c.unlabeled_batch_size = 8
+  c.model.ae_features = (16, 32, 64, 64)
+  c.model.latent_dim = 100
+  c.model.unet_features = 16
+  c.model.unet_depth = 3
+  c.optim.learning_rate = 1e-3
+  c.log_every_steps = 20
+  c.ckpt.every_steps = 200
+  return c
