@@ -118,8 +118,10 @@ def get_base_config() -> config_dict.ConfigDict:
   c.optim.decay_rate = 0.8
   c.optim.decay_every_epochs = 30
 
+  c.ae_num_train_steps = config_dict.placeholder(int)  # AE of ae_unet; unset: the AE's own epochs
   c.ae_workdir = config_dict.placeholder(str)  # ae_unet: trained AE; unset: <workdir>/ae, trained first
   c.threshold = 0.5  # score maps of probability methods; fitted rule for anomaly methods
+  c.num_bins = 1000  # score histogram bins of the streaming threshold-free metrics
   c.threshold_rule = 'labeled'  # anomaly-score methods: 'labeled' (max TPR-FPR) | 'oracle' | 'fixed'
 
   c.ckpt = config_dict.ConfigDict()

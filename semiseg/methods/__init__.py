@@ -1,0 +1,20 @@
+"""The method registry: a new method is one file and one line here."""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> module path; each module has ``create(config, ctx) -> Method``.
+REGISTRY = {
+    'ae': 'semiseg.methods.autoencoder',
+    'unet': 'semiseg.methods.unet',
+    'ae_unet': 'semiseg.methods.ae_unet',
+}
+
+
+def create_method(config, ctx):
+  """Builds the method named by ``config.method``."""
+  if config.method not in REGISTRY:
+    raise ValueError(f'config.method={config.method!r} is not a known method; choose one of '
+                     f'{sorted(REGISTRY)}.')
+  return importlib.import_module(REGISTRY[config.method]).create(config, ctx)

@@ -1,0 +1,33 @@
+"""A user's own images in MVTec layout: <root>/<category>/{train/good, test/<type>, ground_truth/<type>}.
+
+Usage:
+  python -m experiments.train --config configs/folder.py:texture=false \\
+      --config.data.root=/data/parts --config.data.category=bracket --workdir runs/bracket
+
+Arg words: ``smoke``, ``cpu`` (the CPU sizes); ``key=value`` sets any key, e.g. ``texture=true`` for a
+texture-like category (kept at 2x, cropped for training, tiled for evaluation).
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  words, pairs = common.parse_arg(arg)
+  c = common.get_base_config()
+  c.data.name = 'folder'
+  c.data.category = 'good_and_bad'
+  unknown = [w for w in words if w not in ('smoke', 'cpu')]
+  if unknown:
+    raise ValueError(f'configs/folder.py: unknown arg word(s) {unknown}; use smoke, cpu or key=value.')
+  c.ae_num_train_steps = None
+  if 'cpu' in words:
+    common.cpu(c)
+  if 'smoke' in words:
+    common.smoke(c)
+    c.ae_num_train_steps = 4
+  texture = pairs.pop('texture', None)
+  if texture is not None:
+    c.data.texture = texture.lower() in ('1', 'true')
+    c.augment.border = 'reflect' if c.data.texture else 'constant'
+  common.apply_pairs(c, pairs, 'configs/folder.py')
+  return c

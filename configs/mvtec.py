@@ -1,0 +1,35 @@
+"""MVTec AD with the paper's settings (section 4.2): 256 px (textures 512 -> 256 crops), batch 16,
+Adam 1e-4 x0.8 every 30 epochs, 200 epochs, latent 500, U-Net 64 features, depth 4.
+
+Usage (after downloading mvtec_anomaly_detection.tar.xz to ~/mvtec, see the README):
+  python -m experiments.train --config configs/mvtec.py:bottle --workdir runs/mvtec/bottle \\
+      --config.data.root=~/mvtec
+  python -m experiments.train --config configs/mvtec.py:carpet,method=unet --workdir runs/carpet_unet
+
+Arg words: one of the 15 categories (default bottle) and ``smoke``; ``key=value`` sets any key.
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  words, pairs = common.parse_arg(arg)
+  c = common.get_base_config()
+  c.data.name = 'mvtec_ad'
+  c.data.category = 'bottle'
+  unknown = [w for w in words if w not in common.MVTEC_CATEGORIES + ('smoke',)]
+  if unknown:
+    raise ValueError(f'configs/mvtec.py: unknown arg word(s) {unknown}; use one of '
+                     f'{common.MVTEC_CATEGORIES} or smoke.')
+  for w in words:
+    if w in common.MVTEC_CATEGORIES:
+      c.data.category = w
+  c.data.texture = c.data.category in common.MVTEC_TEXTURES
+  c.augment.border = 'reflect' if c.data.texture else 'constant'
+  c.augment.flip_x = c.augment.flip_y = c.data.category in common.MVTEC_FLIP_OK
+  c.ae_num_train_steps = None
+  if 'smoke' in words:
+    common.smoke(c)
+    c.ae_num_train_steps = 4
+  common.apply_pairs(c, pairs, 'configs/mvtec.py')
+  return c

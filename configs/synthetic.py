@@ -1,0 +1,38 @@
+"""The embedded default dataset (``synthetic_defects``): the paper's method sized for a CPU.
+
+Usage:
+  python -m experiments.train --config configs/synthetic.py:brick --workdir runs/brick
+  python -m experiments.train --config configs/synthetic.py:washer,method=unet,smoke --workdir /tmp/w
+  python -m experiments.evaluate --config configs/synthetic.py:brick --workdir runs/brick
+
+Arg words: a category (brick, grass, gravel, washer, pcb; default brick), ``smoke`` (seconds on a
+CPU), ``paper`` (the paper's sizes: 256 px, 64 features, latent 500, 200 epochs); ``key=value`` sets any key.
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  words, pairs = common.parse_arg(arg)
+  c = common.get_base_config()
+  c.data.name = 'synthetic_defects'
+  c.data.category = 'brick'
+  unknown = [w for w in words if w not in common.SYNTHETIC_CATEGORIES + ('smoke', 'paper')]
+  if unknown:
+    raise ValueError(f'configs/synthetic.py: unknown arg word(s) {unknown}; use a category of '
+                     f'{common.SYNTHETIC_CATEGORIES}, smoke or paper.')
+  for w in words:
+    if w in common.SYNTHETIC_CATEGORIES:
+      c.data.category = w
+  c.data.texture = c.data.category in common.SYNTHETIC_TEXTURES
+  c.augment.border = 'reflect' if c.data.texture else 'constant'
+  if 'paper' not in words:
+    common.cpu(c)
+    c.num_epochs = 30
+    c.num_train_steps = 300
+    c.ae_num_train_steps = 300
+  if 'smoke' in words:
+    common.smoke(c)
+    c.ae_num_train_steps = 4
+  common.apply_pairs(c, pairs, 'configs/synthetic.py')
+  return c

@@ -1,0 +1,155 @@
+"""Running a trained method over a split: score maps, thresholds, metrics per category and defect type."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from semiseg import augment, io, metrics, sharding
+from semiseg.methods import base
+
+log = logging.getLogger(__name__)
+
+
+class Predictor:
+  """``method.predict`` jitted once for a fixed batch; textures cut into tiles and stitched back."""
+
+  def __init__(self, method: base.Method, state: base.TrainState, ctx: base.MethodContext, mesh,
+               batch_size: int, fn=None):
+    self.state, self.ctx, self.mesh = state, ctx, mesh
+    n = mesh.devices.size
+    self.batch_size = max(n, (batch_size + n - 1) // n * n)  # padded to a multiple of the devices
+    predict = fn or method.predict
+    tile = ctx.image_size
+
+    def run(state, images_uint8):
+      images = base.to_float(images_uint8)
+      if ctx.texture:
+        b, h, w, _ = images.shape
+        out = predict(state, augment.to_tiles(images, tile))
+        out = out[..., None] if out.ndim == 3 else out
+        out = augment.from_tiles(out, b, h, w)
+        return out[..., 0] if out.shape[-1] == 1 else out
+      return predict(state, images)
+    self._jit = jax.jit(run)
+
+  def __call__(self, images_uint8_BxHxWx3: np.ndarray) -> np.ndarray:
+    """Score maps (float32 numpy) for any number of images, in fixed-size padded batches."""
+    outs = []
+    for batch, count in self._batches(images_uint8_BxHxWx3):
+      out = self._jit(self.state, batch)
+      outs.append(np.asarray(_gather(out))[:count])
+    return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+
+  def _batches(self, images: np.ndarray) -> Iterator[tuple[Any, int]]:
+    for start in range(0, len(images), self.batch_size):
+      chunk = images[start:start + self.batch_size]
+      count = len(chunk)
+      if count < self.batch_size:
+        chunk = np.concatenate([chunk, np.zeros((self.batch_size - count,) + chunk.shape[1:], chunk.dtype)])
+      yield _global_rows(chunk, self.mesh), count
+
+  def time_per_image(self, images_uint8: np.ndarray, batch_size: int, repeats: int = 3) -> float:
+    """Milliseconds per image at ``batch_size`` after warm-up (median of ``repeats``)."""
+    chunk = images_uint8[:batch_size]
+    if len(chunk) < batch_size:
+      chunk = np.resize(chunk, (batch_size,) + chunk.shape[1:])
+    x = _global_rows(chunk, self.mesh) if batch_size % self.mesh.devices.size == 0 else jnp.asarray(chunk)
+    jax.block_until_ready(self._jit(self.state, x))  # warm-up (compiles this batch size)
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(self._jit(self.state, x))
+      times.append(time.perf_counter() - t0)
+    return 1000.0 * float(np.median(times)) / batch_size
+
+
+def _global_rows(batch: np.ndarray, mesh):
+  """Every process holds the whole split; each contributes its own rows of the global batch."""
+  n, p = len(batch), jax.process_count()
+  local = batch[jax.process_index() * n // p:(jax.process_index() + 1) * n // p]
+  return sharding.to_global(local, mesh)
+
+
+def _gather(x):
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(x, tiled=True)
+
+
+def masks_2d(split) -> np.ndarray:
+  return split.masks[..., 0].astype(bool)
+
+
+def metrics_at(scores: np.ndarray, split, threshold: float, num_bins: int) -> tuple[dict, dict]:
+  """(overall, per defect type) metrics of a split's score maps at a threshold, streamed in batches."""
+  acc = metrics.SegmentationMetrics(threshold=threshold, num_bins=num_bins, score_range=(0.0, 1.0))
+  masks = masks_2d(split)
+  for start in range(0, len(scores), 64):
+    acc.update(scores[start:start + 64], masks[start:start + 64], split.defect_types[start:start + 64])
+  return acc.result(), acc.result_per_defect_type()
+
+
+def fit_threshold(scores: np.ndarray, split) -> float:
+  """The paper's rule: the ROC point with the largest TPR - FPR over the split's pixels."""
+  return float(metrics.fit_threshold(scores.reshape(-1), masks_2d(split).reshape(-1)))
+
+
+def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.MethodContext, mesh, config,
+             workdir: str | None = None, time_it: bool = True) -> dict:
+  """Metrics of a trained method on the test split (and on its labeled training images).
+
+  Probability methods use ``config.threshold``. Anomaly-score methods (AE, PCA, AnoGAN) fit the
+  threshold on the labeled images by the paper's rule (``threshold_rule='labeled'``); the test-fitted
+  ``oracle`` threshold is reported alongside, under that name, never as the main number.
+  """
+  num_bins = int(config.get('num_bins', 1000))
+  predictor = Predictor(method, state, ctx, mesh, config.eval_batch_size)
+  test_scores = predictor(data.test.images)
+  train_scores = predictor(data.labeled.images)
+  rule = config.threshold_rule if method.score_kind == 'anomaly' else 'fixed'
+  if rule not in ('labeled', 'oracle', 'fixed'):
+    raise ValueError(f"config.threshold_rule must be 'labeled', 'oracle' or 'fixed', got {rule!r}.")
+  if rule == 'labeled':
+    threshold = fit_threshold(train_scores, data.labeled)
+  elif rule == 'oracle':
+    threshold = fit_threshold(test_scores, data.test)
+  else:
+    threshold = float(config.threshold)
+  test, per_type = metrics_at(test_scores, data.test, threshold, num_bins)
+  train, _ = metrics_at(train_scores, data.labeled, threshold, num_bins)
+  out = {'method': method.name, 'dataset': config.data.name, 'category': config.data.category,
+         'seed': int(config.seed), 'score_kind': method.score_kind, 'threshold_rule': rule,
+         'threshold': threshold, 'test': test, 'train': train, 'per_defect_type': per_type,
+         'num_test_images': len(data.test), 'num_labeled_images': len(data.labeled),
+         'num_unlabeled_images': len(data.unlabeled)}
+  if method.score_kind == 'anomaly' and rule != 'oracle':
+    oracle_t = fit_threshold(test_scores, data.test)
+    out['oracle'] = {'threshold': oracle_t, 'test': metrics_at(test_scores, data.test, oracle_t, num_bins)[0]}
+  if time_it and len(data.test):
+    out['ms_per_image'] = {
+        'batch_1': predictor.time_per_image(data.test.images, 1) if mesh.devices.size == 1 else None,
+        f'batch_{predictor.batch_size}': predictor.time_per_image(data.test.images, predictor.batch_size),
+        'device': str(jax.devices()[0].platform)}
+  if workdir is not None and jax.process_index() == 0:
+    io.write_json_atomic(os.path.join(workdir, 'eval.json'), out)
+  return out
+
+
+def format_table(results: list[dict]) -> str:
+  """A Markdown table of the main numbers of several eval results."""
+  lines = ['| category | method | threshold | defect IoU | mean IoU (2-class) | Dice | MAE px | pixel AUROC | AUPRO |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+  for r in results:
+    t = r['test']
+    lines.append(f"| {r['category']} | {r['method']} | {r['threshold']:.3f} ({r['threshold_rule']}) | "
+                 f"{t['defect_iou']:.3f} | {t['miou']:.3f} | {t['dice']:.3f} | {t['mae_pixels']:.0f} | "
+                 f"{t['pixel_auroc']:.3f} | {t['aupro']:.3f} |")
+  return '\n'.join(lines)

@@ -1,0 +1,104 @@
+"""Atomic file writes (temporary file in the same folder + rename) and run records."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from typing import Any, Iterator
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+  """Writes ``data`` to ``path`` so that a kill leaves either the old file or the new one, never half."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  write_bytes_atomic(path, text.encode('utf-8'))
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + '\n')
+
+
+def _json_default(x):
+  if hasattr(x, 'tolist'):
+    return x.tolist()
+  if isinstance(x, (set, tuple)):
+    return list(x)
+  return str(x)
+
+
+def read_json(path: str) -> Any:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); delete it to have it written again.') from e
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+  """Holds ``workdir/.lock`` for the run; a second run on the same workdir stops with a clear error."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, '.lock')
+  f = open(path, 'a+')
+  try:
+    try:
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno in (errno.EAGAIN, errno.EACCES):
+        raise RuntimeError(f'Another run is using the workdir {workdir} (it holds {path}). Wait for it '
+                           'to finish, stop it, or choose another --workdir.') from None
+      raise
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    yield
+  finally:
+    with contextlib.suppress(OSError):
+      fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    f.close()
+
+
+def run_info(config) -> dict:
+  """The resolved config, package versions, git commit and devices of a run."""
+  import jax
+  versions = {}
+  for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax.checkpoint', 'tensorflow_datasets', 'numpy',
+               'ml_collections', 'skimage'):
+    try:
+      module = __import__(name, fromlist=['__version__'])
+      versions[name] = getattr(module, '__version__', 'unknown')
+    except ImportError:
+      versions[name] = None
+  try:
+    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    commit = None
+  return {
+      'config': json.loads(config.to_json_best_effort()),
+      'versions': versions, 'python': sys.version.split()[0], 'platform': platform.platform(),
+      'git_commit': commit,
+      'devices': [str(d) for d in jax.devices()], 'process_count': jax.process_count(),
+  }

@@ -1,0 +1,90 @@
+"""``ae_unet``: the paper's method. U-Net on concat[I, |I - AE(I)|] with the AE frozen (eq. 3-5)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from semiseg import augment
+from semiseg.methods import autoencoder, base, unet
+from semiseg.models.autoencoder import ConvAutoencoder
+from semiseg.models.unet import UNet
+
+log = logging.getLogger(__name__)
+
+INPUTS = ('image', 'diff', 'image+diff')  # the paper's Table 4 ablation
+
+
+def unet_input(images_BxHxWx3: jax.Array, ae_params, ae_model: ConvAutoencoder, mode: str) -> jax.Array:
+  """The U-Net's input for an ablation mode; D comes from the frozen AE (no gradient reaches it)."""
+  if mode == 'image':
+    return images_BxHxWx3
+  diff = jax.lax.stop_gradient(autoencoder.difference(ae_params, images_BxHxWx3, ae_model))
+  if mode == 'diff':
+    return diff
+  return jnp.concatenate([images_BxHxWx3, diff], axis=-1)
+
+
+def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, ae_model: ConvAutoencoder,
+               tx: optax.GradientTransformation, spec: augment.AugmentSpec, mode: str):
+  images, masks = unet.augmented_labeled(state, batch, spec)
+  inputs = unet_input(images, state.extras['ae_params'], ae_model, mode)
+
+  def loss_fn(params):
+    return base.sigmoid_bce(model.apply(params, inputs), masks)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  return base.apply_updates(state, grads, tx), {'loss': loss}
+
+
+def predict(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: UNet, ae_model: ConvAutoencoder,
+            mode: str) -> jax.Array:
+  inputs = unet_input(images_BxHxWx3, state.extras['ae_params'], ae_model, mode)
+  return jax.nn.sigmoid(model.apply(state.params, inputs)[..., 0])
+
+
+def reconstruct(state: base.TrainState, images_BxHxWx3: jax.Array, *, ae_model: ConvAutoencoder) -> jax.Array:
+  return ae_model.apply(state.extras['ae_params'], images_BxHxWx3)
+
+
+def init(key: jax.Array, *, model: UNet, tx, image_size: int, in_channels: int, ae_abstract) -> base.TrainState:
+  # Zeros of the AE's shapes keep the state's structure fixed; the loop puts the trained AE in.
+  extras = {'ae_params': jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), ae_abstract)}
+  return unet.init(key, model=model, tx=tx, image_size=image_size, in_channels=in_channels, extras=extras)
+
+
+def ae_workdir_for(config, workdir: str | None) -> str:
+  if config.ae_workdir:
+    return config.ae_workdir
+  if workdir is None:
+    raise ValueError('ae_unet needs config.ae_workdir (a trained AE) or a workdir to train one in.')
+  return os.path.join(workdir, 'ae')
+
+
+def create(config, ctx: base.MethodContext) -> base.Method:
+  from semiseg import train  # The AE is trained (or restored) through the same loop.
+  mode = config.model.unet_input
+  if mode not in INPUTS:
+    raise ValueError(f'config.model.unet_input must be one of {INPUTS}, got {mode!r}.')
+  ae_config = train.ae_config_for(config)
+  ae_state = train.ensure_trained(ae_config, ae_workdir_for(config, ctx.workdir),
+                                  train_if_missing=not config.ae_workdir, data=ctx.data)
+  ae_model = autoencoder.create_model(ae_config)
+  model = unet.create_model(config)
+  tx = base.optimizer_from_config(config, ctx)
+  spec = augment.AugmentSpec.from_config(config.augment, crop_size=ctx.image_size if ctx.texture else None)
+  in_channels = {'image': 3, 'diff': 3, 'image+diff': 6}[mode]
+  ae_abstract = jax.eval_shape(lambda: ae_state.params)
+  return base.Method(
+      name='ae_unet', streams=('labeled',), score_kind='probability',
+      init=partial(init, model=model, tx=tx, image_size=ctx.image_size, in_channels=in_channels,
+                   ae_abstract=ae_abstract),
+      train_step=partial(train_step, model=model, ae_model=ae_model, tx=tx, spec=spec, mode=mode),
+      predict=partial(predict, model=model, ae_model=ae_model, mode=mode),
+      reconstruct=partial(reconstruct, ae_model=ae_model),
+      extras={'ae_params': ae_state.params})

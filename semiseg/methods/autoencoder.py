@@ -1,0 +1,100 @@
+"""``ae``: the convolutional autoencoder trained on unlabeled images; score map |I - AE(I)| (paper 3.1)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from semiseg import augment
+from semiseg.methods import base
+from semiseg.models.autoencoder import ConvAutoencoder
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> jax.Array:
+  x = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2
+  g = jnp.exp(-(x ** 2) / (2 * sigma ** 2))
+  return g / g.sum()
+
+
+def ssim_map(x_BxHxWxC: jax.Array, y_BxHxWxC: jax.Array, data_range: float = 1.0) -> jax.Array:
+  """Per-pixel SSIM (Gaussian window 11, sigma 1.5; Wang et al. 2004), 'valid' region, per channel.
+
+  Matches ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
+  use_sample_covariance=False)`` away from the borders.
+  """
+  c = x_BxHxWxC.shape[-1]
+  g = gaussian_window()
+  k = (g[:, None] * g[None, :])[:, :, None, None] * jnp.ones((1, 1, 1, c))
+
+  def blur(z):
+    return jax.lax.conv_general_dilated(z, k, (1, 1), 'VALID', feature_group_count=c,
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+  mx, my = blur(x_BxHxWxC), blur(y_BxHxWxC)
+  sxx = blur(x_BxHxWxC * x_BxHxWxC) - mx * mx
+  syy = blur(y_BxHxWxC * y_BxHxWxC) - my * my
+  sxy = blur(x_BxHxWxC * y_BxHxWxC) - mx * my
+  return ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+
+
+def reconstruction_loss(recon: jax.Array, target: jax.Array, kind: str) -> jax.Array:
+  """Per-pixel MSE (paper eq. 2) or 1 - mean SSIM (Bergmann et al. 2019, the paper's ref. 13)."""
+  if kind == 'mse':
+    return jnp.mean((recon - target) ** 2)
+  if kind == 'ssim':
+    return 1.0 - jnp.mean(ssim_map(recon, target))
+  raise ValueError(f"config.model.ae_loss must be 'mse' or 'ssim', got {kind!r}.")
+
+
+def train_step(state: base.TrainState, batch: base.Batch, *, model: ConvAutoencoder,
+               tx: optax.GradientTransformation, spec: augment.AugmentSpec, loss_kind: str):
+  images = base.to_float(batch['unlabeled']['image'])
+  images, _, _ = augment.augment_batch(base.step_key(state), images, None, spec)
+
+  def loss_fn(params):
+    return reconstruction_loss(model.apply(params, images), images, loss_kind)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  return base.apply_updates(state, grads, tx), {'loss': loss}
+
+
+def reconstruct(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: ConvAutoencoder) -> jax.Array:
+  return model.apply(state.params, images_BxHxWx3)
+
+
+def difference(ae_params, images_BxHxWx3: jax.Array, model: ConvAutoencoder) -> jax.Array:
+  """D = |I - AE(I)| per channel (paper eq. 3)."""
+  return jnp.abs(images_BxHxWx3 - model.apply(ae_params, images_BxHxWx3))
+
+
+def predict(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: ConvAutoencoder) -> jax.Array:
+  """Anomaly score map: the channel mean of |I - AE(I)|, in [0, 1]."""
+  return difference(state.params, images_BxHxWx3, model).mean(axis=-1)
+
+
+def create_model(config) -> ConvAutoencoder:
+  return ConvAutoencoder(features=tuple(config.model.ae_features), latent_dim=config.model.latent_dim,
+                         dtype=base.compute_dtype(config.model.dtype))
+
+
+def init(key: jax.Array, *, model: ConvAutoencoder, tx, image_size: int) -> base.TrainState:
+  init_key, state_key = jax.random.split(key)
+  params = model.init(init_key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+  return base.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                         key=state_key)
+
+
+def create(config, ctx: base.MethodContext) -> base.Method:
+  model = create_model(config)
+  tx = base.optimizer_from_config(config, ctx)
+  spec = augment.AugmentSpec.from_config(config.augment, crop_size=ctx.image_size if ctx.texture else None)
+  reconstruction_loss(jnp.zeros((1, 16, 16, 1)), jnp.zeros((1, 16, 16, 1)), config.model.ae_loss)  # validate
+  return base.Method(
+      name='ae', streams=('unlabeled',), score_kind='anomaly',
+      init=partial(init, model=model, tx=tx, image_size=ctx.image_size),
+      train_step=partial(train_step, model=model, tx=tx, spec=spec, loss_kind=config.model.ae_loss),
+      predict=partial(predict, model=model),
+      reconstruct=partial(reconstruct, model=model))

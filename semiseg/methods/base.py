@@ -1,0 +1,109 @@
+"""What every method shares: the state pytree, the method record, the optimizer and the losses."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+Batch = dict[str, dict[str, jax.Array]]  # {'labeled': {'image', 'mask'}, 'unlabeled': {'image', 'mask'}}
+
+
+@flax.struct.dataclass
+class TrainState:
+  """One pytree for every method; ``extras`` holds what a method adds (frozen AE, EMA teacher, ...)."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  key: jax.Array  # raw uint32 PRNG key; the step's key is fold_in(key, step)
+  extras: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """How a method is created, trained and turned into score maps. The loop knows nothing else.
+
+  Attributes:
+    name: registry name.
+    streams: data splits feeding ``train_step``, primary first: 'unlabeled' and/or 'labeled'.
+    init: key -> TrainState (pure; run under jit with replicated out_shardings).
+    train_step: pure (state, batch) -> (state, metrics dict of scalars); None for closed-form methods.
+    predict: pure (state, images_BxHxWx3 float in [0, 1]) -> scores_BxHxW in [0, 1].
+    score_kind: 'probability' (thresholded at config.threshold) or 'anomaly' (threshold fitted by rule).
+    fit: closed-form methods: pure (state, images_NxHxWx3) -> fitted state, run once instead of steps.
+    reconstruct: optional (state, images) -> reconstruction, for figures.
+    extras: concrete arrays placed into a freshly initialized state's ``extras`` (init makes zeros of
+      their shapes so that the state's structure, and so its checkpoint, is known before training).
+  """
+  name: str
+  streams: tuple[str, ...]
+  init: Callable[[jax.Array], TrainState]
+  predict: Callable[[TrainState, jax.Array], jax.Array]
+  score_kind: str
+  train_step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]] | None = None
+  fit: Callable[[TrainState, jax.Array], TrainState] | None = None
+  reconstruct: Callable[[TrainState, jax.Array], jax.Array] | None = None
+  extras: Any = None  # arrays the loop puts into a fresh state's ``extras`` (e.g. the frozen AE)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodContext:
+  """What a method's ``create`` needs to know of the run besides the config."""
+  image_size: int  # network input side (texture crops)
+  texture: bool
+  steps_per_epoch: int
+  workdir: str | None = None
+  data: Any = None  # semiseg.data.pipeline.CategoryData
+
+
+def create_optimizer(learning_rate: float, decay_rate: float, transition_steps: int) -> optax.GradientTransformation:
+  """Adam with the paper's staircase decay (x0.8 every 30 epochs, section 4.2)."""
+  if learning_rate <= 0:
+    raise ValueError(f'config.optim.learning_rate must be positive, got {learning_rate}.')
+  if not 0 < decay_rate <= 1:
+    raise ValueError(f'config.optim.decay_rate must be in (0, 1], got {decay_rate}.')
+  schedule = optax.exponential_decay(learning_rate, transition_steps=max(1, transition_steps),
+                                     decay_rate=decay_rate, staircase=True)
+  return optax.adam(schedule)
+
+
+def optimizer_from_config(config, ctx: MethodContext) -> optax.GradientTransformation:
+  return create_optimizer(config.optim.learning_rate, config.optim.decay_rate,
+                          config.optim.decay_every_epochs * ctx.steps_per_epoch)
+
+
+def compute_dtype(name: str):
+  if name not in ('float32', 'bfloat16'):
+    raise ValueError(f"config.model.dtype must be 'float32' or 'bfloat16', got {name!r}.")
+  return jnp.bfloat16 if name == 'bfloat16' else jnp.float32
+
+
+def to_float(images_uint8: jax.Array) -> jax.Array:
+  """uint8 pixels -> float32 in [0, 1] (paper 3.3), on the device."""
+  return images_uint8.astype(jnp.float32) / 255.0
+
+
+def sigmoid_bce(logits_BxHxWx1: jax.Array, mask_BxHxWx1: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+  """Pixel-wise sigmoid cross-entropy (paper eq. 5), averaged over (weighted) pixels."""
+  loss = optax.sigmoid_binary_cross_entropy(logits_BxHxWx1, mask_BxHxWx1)
+  if weight is None:
+    return loss.mean()
+  return (loss * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+
+
+def apply_updates(state: TrainState, grads: Any, tx: optax.GradientTransformation, **replace) -> TrainState:
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       opt_state=opt_state, **replace)
+
+
+def step_key(state: TrainState) -> jax.Array:
+  return jax.random.fold_in(state.key, state.step)
+
+
+def count_params(params: Any) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))

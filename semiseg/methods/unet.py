@@ -1,0 +1,59 @@
+"""``unet``: the supervised baseline, a U-Net on the image alone trained on the labeled images (eq. 5)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from semiseg import augment
+from semiseg.methods import base
+from semiseg.models.unet import UNet
+
+
+def create_model(config) -> UNet:
+  return UNet(features=config.model.unet_features, depth=config.model.unet_depth,
+              dtype=base.compute_dtype(config.model.dtype))
+
+
+def augmented_labeled(state: base.TrainState, batch: base.Batch, spec: augment.AugmentSpec):
+  """The labeled images and masks as floats, through the same random rigid warp."""
+  images = base.to_float(batch['labeled']['image'])
+  masks = batch['labeled']['mask'].astype(jnp.float32)
+  images, masks, _ = augment.augment_batch(base.step_key(state), images, masks, spec)
+  return images, masks
+
+
+def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, tx: optax.GradientTransformation,
+               spec: augment.AugmentSpec):
+  images, masks = augmented_labeled(state, batch, spec)
+
+  def loss_fn(params):
+    return base.sigmoid_bce(model.apply(params, images), masks)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  return base.apply_updates(state, grads, tx), {'loss': loss}
+
+
+def predict(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: UNet) -> jax.Array:
+  return jax.nn.sigmoid(model.apply(state.params, images_BxHxWx3)[..., 0])
+
+
+def init(key: jax.Array, *, model: UNet, tx, image_size: int, in_channels: int = 3, extras=None) -> base.TrainState:
+  init_key, state_key = jax.random.split(key)
+  params = model.init(init_key, jnp.zeros((1, image_size, image_size, in_channels), jnp.float32))
+  return base.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                         key=state_key, extras=extras)
+
+
+def create(config, ctx: base.MethodContext) -> base.Method:
+  model = create_model(config)
+  tx = base.optimizer_from_config(config, ctx)
+  spec = augment.AugmentSpec.from_config(config.augment, crop_size=ctx.image_size if ctx.texture else None)
+  return base.Method(
+      name='unet', streams=('labeled',), score_kind='probability',
+      init=partial(init, model=model, tx=tx, image_size=ctx.image_size),
+      train_step=partial(train_step, model=model, tx=tx, spec=spec),
+      predict=partial(predict, model=model))

@@ -1,0 +1,82 @@
+"""The standard U-Net of the paper (section 3.2; Ronneberger et al. 2015) as a Flax Linen module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def max_pool_2x2(x_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
+  """2x2 max pooling with stride 2, written as reshape + max.
+
+  Same values as ``nn.max_pool(x, (2, 2), (2, 2))``; XLA:CPU lowers the reshape form to a plain
+  reduction whose gradient is a cheap select instead of a windowed scatter.
+  """
+  b, h, w, c = x_BxHxWxC.shape
+  return x_BxHxWxC.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class UpConv2x2(nn.Module):
+  """The 2x2, stride-2 "up-convolution": ``nn.ConvTranspose(features, (2, 2), strides=(2, 2))``.
+
+  A stride-2 transposed convolution with a 2x2 kernel writes each input pixel to its own disjoint 2x2
+  output block, so it equals a bias-free 1x1 convolution to 4x the channels followed by depth-to-space
+  and one bias per output channel: same function, same parameter count (4*Cin*Cout + Cout), and a
+  plain matrix product forward and backward instead of a strided transposed convolution.
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
+    b, h, w, _ = x_BxHxWxC.shape
+    y = nn.Conv(4 * self.features, (1, 1), use_bias=False, dtype=self.dtype, name='kernel_1x1')(x_BxHxWxC)
+    y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
+    y = y.reshape(b, 2 * h, 2 * w, self.features)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    return y + bias.astype(y.dtype)
+
+
+class DoubleConv(nn.Module):
+  """Two padded 3x3 convolutions, each followed by a ReLU."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    x = nn.relu(nn.Conv(self.features, (3, 3), padding='SAME', dtype=self.dtype)(x))
+    return nn.relu(nn.Conv(self.features, (3, 3), padding='SAME', dtype=self.dtype)(x))
+
+
+class UNet(nn.Module):
+  """U-Net: ``depth`` poolings, channels doubling from ``features``; one logit per pixel.
+
+  With 6 input channels, features=64 and depth=4 it has 31,033,473 parameters.
+  """
+  features: int = 64
+  depth: int = 4
+  num_outputs: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
+    """Returns logits ``[B, H, W, num_outputs]`` in float32; H and W must divide by 2**depth."""
+    _, h, w, _ = x_BxHxWxC.shape
+    if h % (2 ** self.depth) or w % (2 ** self.depth):
+      raise ValueError(f'U-Net input {h}x{w} is not divisible by 2**depth = {2 ** self.depth}: '
+                       'set config.data.image_size to a multiple of it or lower config.model.unet_depth.')
+    x = x_BxHxWxC.astype(self.dtype)
+    skips = []
+    for level in range(self.depth):
+      x = DoubleConv(self.features * 2 ** level, self.dtype, name=f'down_{level}')(x)
+      skips.append(x)
+      x = max_pool_2x2(x)
+    x = DoubleConv(self.features * 2 ** self.depth, self.dtype, name='bottom')(x)
+    for level in reversed(range(self.depth)):
+      x = UpConv2x2(self.features * 2 ** level, self.dtype, name=f'upconv_{level}')(x)
+      x = jnp.concatenate([skips[level], x.astype(skips[level].dtype)], axis=-1)
+      x = DoubleConv(self.features * 2 ** level, self.dtype, name=f'up_{level}')(x)
+    logits = nn.Conv(self.num_outputs, (1, 1), dtype=self.dtype, name='head')(x)
+    return logits.astype(jnp.float32)
