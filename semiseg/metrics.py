@@ -365,7 +365,8 @@ class SegmentationMetrics:
     if not np.isfinite(scores).all():
       raise ValueError('scores contain nan or inf')
     b = scores.shape[0]
-    keys = [None] * b if defect_types is None else list(defect_types)
+    # str(): names may arrive as a numpy array; keys must be plain str for JSON reports.
+    keys = [None] * b if defect_types is None else [str(k) for k in defect_types]
     if len(keys) != b:
       raise ValueError(f'{len(keys)} defect types for a batch of {b}')
 

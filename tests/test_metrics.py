@@ -237,10 +237,10 @@ def test_coarse_bins_still_within_bounds_and_clipping_counted():
 
 def test_per_defect_type_equals_separate_accumulators():
   scores, masks = _smooth_maps(9, b=10, num_good=4)
-  types = ['good'] * 4 + ['crack', 'hole'] * 3
+  types = np.array(['good'] * 4 + ['crack', 'hole'] * 3)  # as a split's array of names
   acc = _feed(metrics.SegmentationMetrics(0.5, exact=True), scores, masks, types, batch=3)
   per = acc.result_per_defect_type()
-  assert sorted(per) == ['crack', 'good', 'hole']
+  assert sorted(per) == ['crack', 'good', 'hole'] and all(type(k) is str for k in per)
   for name, r in per.items():
     idx = [i for i, t in enumerate(types) if t == name]
     alone = metrics.SegmentationMetrics(0.5, exact=True)
