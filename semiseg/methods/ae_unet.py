@@ -68,18 +68,24 @@ def ae_workdir_for(config, workdir: str | None) -> str:
 
 def create(config, ctx: base.MethodContext) -> base.Method:
   from semiseg import train  # The AE is trained (or restored) through the same loop.
+  if config.model.unet_input not in INPUTS:
+    raise ValueError(f'config.model.unet_input must be one of {INPUTS}, got {config.model.unet_input!r}.')
+  ae_state = train.ensure_trained(train.ae_config_for(config), ae_workdir_for(config, ctx.workdir),
+                                  train_if_missing=not config.ae_workdir, data=ctx.data)
+  return create_with_ae(config, ctx, ae_state.params)
+
+
+def create_with_ae(config, ctx: base.MethodContext, ae_params) -> base.Method:
+  """The method around already trained AE parameters."""
   mode = config.model.unet_input
   if mode not in INPUTS:
     raise ValueError(f'config.model.unet_input must be one of {INPUTS}, got {mode!r}.')
-  ae_config = train.ae_config_for(config)
-  ae_state = train.ensure_trained(ae_config, ae_workdir_for(config, ctx.workdir),
-                                  train_if_missing=not config.ae_workdir, data=ctx.data)
-  ae_model = autoencoder.create_model(ae_config)
+  ae_model = autoencoder.create_model(config)
   model = unet.create_model(config)
   tx = base.optimizer_from_config(config, ctx)
   spec = augment.AugmentSpec.from_config(config.augment, crop_size=ctx.image_size if ctx.texture else None)
   in_channels = {'image': 3, 'diff': 3, 'image+diff': 6}[mode]
-  ae_abstract = jax.eval_shape(lambda: ae_state.params)
+  ae_abstract = jax.eval_shape(lambda: ae_params)
   return base.Method(
       name='ae_unet', streams=('labeled',), score_kind='probability',
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size, in_channels=in_channels,
@@ -87,4 +93,4 @@ def create(config, ctx: base.MethodContext) -> base.Method:
       train_step=partial(train_step, model=model, ae_model=ae_model, tx=tx, spec=spec, mode=mode),
       predict=partial(predict, model=model, ae_model=ae_model, mode=mode),
       reconstruct=partial(reconstruct, ae_model=ae_model),
-      extras={'ae_params': ae_state.params})
+      extras={'ae_params': ae_params})

@@ -1,0 +1,129 @@
+"""Train-step checks per STYLE.md for ae, unet and ae_unet on tiny models and a fixed batch."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import synthetic
+from semiseg.methods import ae_unet, autoencoder, base, unet
+
+SIZE = 16
+
+
+def tiny_config(method):
+  c = synthetic.get_config(f'washer,smoke,method={method}')
+  c.data.image_size = SIZE
+  c.batch_size = 4
+  c.optim.learning_rate = 3e-3
+  return c
+
+
+def fixed_batch(seed=0, size=SIZE):
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:size, :size]
+  images, masks = [], []
+  for _ in range(4):
+    cy, cx = rng.integers(4, size - 4, 2)
+    m = ((yy - cy) ** 2 + (xx - cx) ** 2 <= 9).astype(np.uint8)
+    img = (rng.random((size, size, 3)) * 60 + 100).astype(np.uint8)
+    img[m.astype(bool)] = 230
+    images.append(img)
+    masks.append(m[..., None])
+  b = {'image': jnp.asarray(np.stack(images)), 'mask': jnp.asarray(np.stack(masks))}
+  return {'labeled': b, 'unlabeled': b}
+
+
+@functools.lru_cache(maxsize=None)
+def make(method):
+  config = tiny_config(method)
+  ctx = base.MethodContext(image_size=SIZE, texture=False, steps_per_epoch=10)
+  if method == 'ae':
+    m = autoencoder.create(config, ctx)
+  elif method == 'unet':
+    m = unet.create(config, ctx)
+  else:
+    ae = autoencoder.create(tiny_config('ae'), ctx)
+    m = ae_unet.create_with_ae(config, ctx, ae.init(jax.random.PRNGKey(5)).params)
+  state = m.init(jax.random.PRNGKey(0))
+  if m.extras is not None:
+    state = state.replace(extras=m.extras)
+  return m, state, jax.jit(m.train_step)
+
+
+METHODS = ['ae', 'unet', 'ae_unet']
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_step_advances_changes_params_and_is_finite(method):
+  m, state, step = make(method)
+  new, metrics = step(state, fixed_batch())
+  assert int(new.step) == int(state.step) + 1
+  assert np.isfinite(float(metrics['loss']))
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, new.params)
+  assert all(jax.tree.leaves(changed)), 'every parameter should receive a gradient update'
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_overfits_one_batch(method):
+  m, state, step = make(method)
+  batch = fixed_batch()
+  losses = []
+  for _ in range(12):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize('method', ['unet', 'ae_unet'])
+def test_jit_and_no_jit_agree(method):
+  m, state, step = make(method)
+  batch = fixed_batch(1)
+  a_state, a = step(state, batch)
+  with jax.disable_jit():
+    b_state, b = m.train_step(state, batch)
+  np.testing.assert_allclose(float(a['loss']), float(b['loss']), rtol=1e-4)
+  for x, y in zip(jax.tree.leaves(a_state.params), jax.tree.leaves(b_state.params)):
+    np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_ae_unet_keeps_the_autoencoder_frozen():
+  m, state, step = make('ae_unet')
+  new, _ = step(state, fixed_batch())
+  for x, y in zip(jax.tree.leaves(state.extras), jax.tree.leaves(new.extras)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_ae_unet_input_modes():
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, SIZE, SIZE, 3))
+  ae_model = autoencoder.create_model(tiny_config('ae'))
+  p = ae_model.init(jax.random.PRNGKey(1), x)
+  d = jnp.abs(x - ae_model.apply(p, x))
+  np.testing.assert_array_equal(ae_unet.unet_input(x, p, ae_model, 'image'), x)
+  np.testing.assert_allclose(ae_unet.unet_input(x, p, ae_model, 'diff'), d, atol=1e-6)
+  both = ae_unet.unet_input(x, p, ae_model, 'image+diff')
+  assert both.shape[-1] == 6
+  np.testing.assert_allclose(both[..., 3:], d, atol=1e-6)
+
+
+def test_ae_score_map_is_channel_mean_abs_difference():
+  m, state, _ = make('ae')
+  x = jax.random.uniform(jax.random.PRNGKey(3), (2, SIZE, SIZE, 3))
+  recon = m.reconstruct(state, x)
+  np.testing.assert_allclose(m.predict(state, x), np.abs(np.asarray(x) - np.asarray(recon)).mean(-1), atol=1e-6)
+
+
+def test_learning_rate_schedule_is_staircase():
+  tx = base.create_optimizer(1e-4, 0.8, 30)
+  p = {'w': jnp.ones(())}
+  s = tx.init(p)
+  sched = s[-1]  # scale_by_schedule state counts steps
+  del sched
+  import optax
+  f = optax.exponential_decay(1e-4, 30, 0.8, staircase=True)
+  assert float(f(29)) == pytest.approx(1e-4) and float(f(30)) == pytest.approx(0.8e-4)
+  assert float(f(65)) == pytest.approx(0.64e-4)
+  with pytest.raises(ValueError, match='learning_rate'):
+    base.create_optimizer(-1.0, 0.8, 30)

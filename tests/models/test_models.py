@@ -1,0 +1,62 @@
+"""Model checks against independent references: parameter count, Flax's own layers, skimage's SSIM."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from skimage.metrics import structural_similarity
+
+from semiseg.methods.autoencoder import ssim_map
+from semiseg.models.autoencoder import ConvAutoencoder
+from semiseg.models.unet import UNet, UpConv2x2, max_pool_2x2
+
+
+def test_unet_has_the_papers_parameter_count():
+  params = jax.eval_shape(UNet(features=64, depth=4).init, jax.random.PRNGKey(0), jnp.zeros((1, 256, 256, 6)))
+  assert sum(x.size for x in jax.tree.leaves(params)) == 31_033_473
+
+
+def test_upconv_equals_conv_transpose():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 7, 6))
+  ours = UpConv2x2(4)
+  p = ours.init(jax.random.PRNGKey(1), x)
+  p = jax.tree.map(lambda a: jax.random.normal(jax.random.PRNGKey(2), a.shape), p)
+  w = p['params']['kernel_1x1']['kernel'][0, 0]  # [Cin, 4*Cout] ordered (dy, dx, Cout)
+  # -> [dy, dx, Cin, Cout]; lax.conv_transpose (Flax's default) applies the kernel spatially flipped.
+  kernel = w.reshape(6, 2, 2, 4).transpose(1, 2, 0, 3)[::-1, ::-1]
+  ref = nn.ConvTranspose(4, (2, 2), strides=(2, 2), padding='VALID')
+  ref_params = {'params': {'kernel': kernel, 'bias': p['params']['bias']}}
+  np.testing.assert_allclose(ours.apply(p, x), ref.apply(ref_params, x), atol=1e-5)
+  assert sum(a.size for a in jax.tree.leaves(p)) == sum(a.size for a in jax.tree.leaves(ref_params))
+
+
+def test_max_pool_equals_flax():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 6, 3))
+  np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+
+
+def test_unet_rejects_sizes_not_divisible_by_depth():
+  with pytest.raises(ValueError, match='image_size'):
+    UNet(features=4, depth=3).init(jax.random.PRNGKey(0), jnp.zeros((1, 20, 20, 3)))
+
+
+def test_autoencoder_shapes_and_range():
+  model = ConvAutoencoder(features=(4, 8), latent_dim=7)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (3, 16, 16, 3))
+  p = model.init(jax.random.PRNGKey(1), x)
+  y = model.apply(p, x)
+  assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+  assert p['params']['to_latent']['kernel'].shape[-1] == 7
+  with pytest.raises(ValueError, match='ae_features'):
+    model.init(jax.random.PRNGKey(1), jnp.zeros((1, 18, 18, 3)))
+
+
+def test_ssim_matches_skimage():
+  rng = np.random.default_rng(0)
+  a = rng.random((40, 40)).astype(np.float32)
+  b = np.clip(a + 0.2 * rng.standard_normal((40, 40)), 0, 1).astype(np.float32)
+  _, ref = structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                 use_sample_covariance=False, full=True)
+  ours = np.asarray(ssim_map(jnp.asarray(a)[None, :, :, None], jnp.asarray(b)[None, :, :, None]))[0, :, :, 0]
+  np.testing.assert_allclose(ours, ref[5:-5, 5:-5], atol=1e-4)
