@@ -14,6 +14,9 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import shutil
+import tarfile
+import tempfile
 
 import tensorflow_datasets as tfds
 
@@ -38,6 +41,30 @@ def config_for(category: str, image_size: int | None = None) -> MvtecAdConfig:
   name = category if size == default else f'{category}_{size}'
   return MvtecAdConfig(name=name, category=category, image_size=size,
                        description=f'MVTec AD {category} at {size}x{size}.')
+
+
+def _extract(archive: str, cache: str) -> str:
+  """Extracts ``archive`` once into ``cache`` (atomically: temp folder, then rename) and returns it.
+
+  Python's tarfile, not ``dl_manager.extract``: TFDS's extractor writes through TensorFlow's gfile.
+  TFDS would not guess ``.tar.xz`` anyway; tarfile's ``r:*`` reads xz. All 15 categories share one
+  extraction, so the 5 GB archive is decompressed once.
+  """
+  target = os.path.join(cache, os.path.basename(archive).split('.')[0])
+  if os.path.isdir(target):
+    return target
+  os.makedirs(cache, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.extracting.', dir=cache)
+  try:
+    with tarfile.open(archive, 'r:*') as tar:
+      tar.extractall(tmp, filter='data')  # 'data': no absolute paths, links out, or devices
+    os.replace(tmp, target)
+  except (tarfile.TarError, OSError, EOFError) as e:
+    raise layout.LayoutError(f'Cannot extract {archive!r} ({e}); the download is incomplete or '
+                             f'corrupt: download {ARCHIVE} again.') from e
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return target
 
 
 class MvtecAd(tfds_common.NoTfBuilder):
@@ -76,9 +103,7 @@ class MvtecAd(tfds_common.NoTfBuilder):
       raise layout.LayoutError(
           f'MVTec AD: neither {os.path.join(manual, category)!r} nor a *.tar.xz archive is in the '
           f'manual dir {manual!r}. Put {ARCHIVE} or its extracted tree there.')
-    # TFDS does not guess .tar.xz; say TAR (tarfile 'r:*' reads xz). Extracted once, cached.
-    extracted = os.fspath(dl_manager.extract(tfds.download.Resource(
-        path=archives[0], extract_method=tfds.download.ExtractMethod.TAR)))
+    extracted = _extract(archives[0], os.path.join(os.fspath(dl_manager.download_dir), 'extracted'))
     for root in (extracted, os.path.join(extracted, 'mvtec_anomaly_detection')):
       if os.path.isdir(os.path.join(root, category)):
         return root

@@ -1,0 +1,80 @@
+"""TFDS builders without TensorFlow: mvtec_ad from a tree and from a tar.xz, synthetic_defects."""
+
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from semiseg.data import mvtec_ad, synthetic_defects, tfds_common
+from tests.data import fake_tree
+
+
+def _read_all(builder) -> dict[str, dict]:
+  out = {}
+  for split, source in builder.as_data_source().items():
+    for i in range(len(source)):
+      ex = source[i]
+      out[tfds_common.decode_str(ex['filename'])] = dict(ex, split=split)
+  return out
+
+
+def _check_mvtec(builder, size):
+  rows = _read_all(builder)
+  assert sorted(rows) == sorted(
+      [f'train/good/{i:03d}.png' for i in range(4)] + [f'test/good/{i:03d}.png' for i in range(2)]
+      + [f'test/type{j}/{i:03d}.png' for j in range(3) for i in range(2)])
+  for name, ex in rows.items():
+    assert ex['image'].shape == (size, size, 3) and ex['image'].dtype == np.uint8
+    assert ex['mask'].shape == (size, size, 1) and set(np.unique(ex['mask'])) <= {0, 1}
+    kind = tfds_common.decode_str(ex['defect_type'])
+    assert name.split('/')[1] == kind
+    assert ex['label'] == int(kind != 'good') == int(ex['mask'].any())
+    assert ex['split'] == name.split('/')[0]
+
+
+def test_mvtec_from_tree_and_tar_xz(tmp_path):
+  tree = fake_tree.write_mvtec(str(tmp_path / 'manual_tree'), categories=['bottle'])
+  config = mvtec_ad.config_for('bottle', 16)
+  b = mvtec_ad.MvtecAd(config=config, data_dir=str(tmp_path / 'tfds'))
+  b.download_and_prepare(file_format='array_record',
+                         download_config=tfds.download.DownloadConfig(manual_dir=tree))
+  _check_mvtec(b, 16)
+
+  manual = tmp_path / 'manual_tar'
+  manual.mkdir()
+  with tarfile.open(manual / 'mvtec_anomaly_detection.tar.xz', 'w:xz') as tar:
+    tar.add(f'{tree}/bottle', arcname='bottle')
+  b = mvtec_ad.MvtecAd(config=config, data_dir=str(tmp_path / 'tfds_tar'))
+  b.download_and_prepare(file_format='array_record',
+                         download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+  _check_mvtec(b, 16)
+
+
+def test_mvtec_configs():
+  names = [c.name for c in mvtec_ad.MvtecAd.BUILDER_CONFIGS]
+  assert len(names) == 15 and 'bottle' in names
+  sizes = {c.name: c.image_size for c in mvtec_ad.MvtecAd.BUILDER_CONFIGS}
+  assert sizes['carpet'] == 512 and sizes['bottle'] == 256
+  assert 'mvtec_anomaly_detection.tar.xz' in mvtec_ad.MvtecAd.MANUAL_DOWNLOAD_INSTRUCTIONS
+
+
+def test_synthetic_builder(tmp_path):
+  config = synthetic_defects.config_for('pcb', 24, counts={'train': 3, 'test_good': 1, 'defect': 2})
+  b = synthetic_defects.SyntheticDefects(config=config, data_dir=str(tmp_path))
+  b.download_and_prepare(file_format='array_record')
+  rows = _read_all(b)
+  assert len(rows) == 3 + 1 + 2 * 4
+  kinds = {tfds_common.decode_str(r['defect_type']) for r in rows.values()}
+  assert kinds == {'good', 'scratch', 'hole', 'contamination', 'color'}
+  for r in rows.values():
+    assert r['image'].shape == (24, 24, 3) and r['mask'].any() == bool(r['label'])
+  assert [c.name for c in synthetic_defects.SyntheticDefects.BUILDER_CONFIGS] == [
+      'brick', 'grass', 'gravel', 'washer', 'pcb']
+
+
+def test_no_tensorflow():
+  assert 'tensorflow' not in sys.modules
+  r = subprocess.run([sys.executable, '-c', 'import tensorflow'], capture_output=True)
+  assert r.returncode != 0, 'TensorFlow is installed; it must not be a dependency.'
