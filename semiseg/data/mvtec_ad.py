@@ -34,6 +34,11 @@ class MvtecAdConfig(tfds.core.BuilderConfig):
 
 def config_for(category: str, image_size: int | None = None) -> MvtecAdConfig:
   """The registered config, or (for tests, small runs) one at another stored size."""
+  config = _make_config(category, image_size)
+  return _REGISTERED.get(config.name, config)  # TFDS wants the registered object itself
+
+
+def _make_config(category: str, image_size: int | None) -> MvtecAdConfig:
   if category not in MVTEC_CATEGORIES:
     raise ValueError(f'Unknown MVTec AD category {category!r}; valid: {MVTEC_CATEGORIES}.')
   default = 512 if category in MVTEC_TEXTURES else 256
@@ -41,6 +46,9 @@ def config_for(category: str, image_size: int | None = None) -> MvtecAdConfig:
   name = category if size == default else f'{category}_{size}'
   return MvtecAdConfig(name=name, category=category, image_size=size,
                        description=f'MVTec AD {category} at {size}x{size}.')
+
+
+_REGISTERED = {c: _make_config(c, None) for c in MVTEC_CATEGORIES}
 
 
 def _extract(archive: str, cache: str) -> str:
@@ -72,7 +80,7 @@ class MvtecAd(tfds_common.NoTfBuilder):
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-  BUILDER_CONFIGS = [config_for(c) for c in MVTEC_CATEGORIES]
+  BUILDER_CONFIGS = list(_REGISTERED.values())
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   MVTec AD is licensed CC BY-NC-SA 4.0 and cannot be fetched by code. Download
   `{ARCHIVE}` from https://www.mvtec.com/company/research/datasets/mvtec-ad (a form asks

@@ -181,6 +181,7 @@ def _pick_point(rng: np.random.Generator, region: np.ndarray, margin: int) -> tu
 def _blob(rng: np.random.Generator, size: int, center, radius: float) -> np.ndarray:
   """An irregular filled shape: a polygon with noisy radius."""
   n = 24
+  radius = max(radius, 2.0)  # tiny images (tests, smoke runs) still get a visible blob
   t = np.linspace(0, 2 * np.pi, n, endpoint=False)
   rad = radius * np.exp(ndimage.gaussian_filter1d(rng.normal(0, 0.35, n), 1.5, mode='wrap'))
   rad *= np.where(rng.random() < 0.5, 1.0, 1 + 0.6 * np.cos(t - rng.uniform(0, np.pi)))  # elongate

@@ -32,6 +32,12 @@ class SyntheticDefectsConfig(tfds.core.BuilderConfig):
 def config_for(category: str, image_size: int | None = None, seed: int = 0,
                counts: dict[str, int] | None = None) -> SyntheticDefectsConfig:
   """The registered config, or one at another size / seed / counts (its name says which)."""
+  config = _make_config(category, image_size, seed, counts)
+  return _REGISTERED.get(config.name, config)  # TFDS wants the registered object itself
+
+
+def _make_config(category: str, image_size: int | None, seed: int,
+                 counts: dict[str, int] | None) -> SyntheticDefectsConfig:
   if category not in SYNTHETIC_CATEGORIES:
     raise ValueError(f'Unknown synthetic category {category!r}; valid: {SYNTHETIC_CATEGORIES}.')
   default = 512 if category in SYNTHETIC_TEXTURES else 256
@@ -46,12 +52,15 @@ def config_for(category: str, image_size: int | None = None, seed: int = 0,
                                 description=f'Synthetic {category} at {size}x{size}, seed {seed}.')
 
 
+_REGISTERED = {c: _make_config(c, None, 0, None) for c in SYNTHETIC_CATEGORIES}
+
+
 class SyntheticDefects(tfds_common.NoTfBuilder):
   """Textures from scikit-image's photographs and rendered objects, with drawn defects and masks."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-  BUILDER_CONFIGS = [config_for(c) for c in SYNTHETIC_CATEGORIES]
+  BUILDER_CONFIGS = list(_REGISTERED.values())
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(

@@ -1,0 +1,118 @@
+"""Loading a category and the batch stream: pure order, exact resume, process shards, prefetch."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from configs.common import get_base_config
+from semiseg.data import pipeline, throughput
+from tests.data import fake_tree
+
+
+def _split(n, size=4):
+  images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, size, size, 3), np.uint8)
+  return pipeline.Split(images, np.zeros((n, size, size, 1), np.uint8), ['good'] * n,
+                        [f'{i}' for i in range(n)])
+
+
+def _ids(batch):
+  return batch['image'][:, 0, 0, 0].tolist()
+
+
+def _take(split, n, **kw):
+  return [_ids(b) for b in itertools.islice(pipeline.batch_stream(split, **kw), n)]
+
+
+@pytest.mark.parametrize('n', [3, 10, 16, 37])
+def test_order_pure_and_resumable(n):
+  s = _split(n)
+  run = _take(s, 12, batch_size=8, seed=1)
+  assert run == _take(s, 12, batch_size=8, seed=1, prefetch=0)
+  assert run[5:] == _take(s, 7, batch_size=8, seed=1, start_step=5)
+  assert run != _take(s, 12, batch_size=8, seed=2)
+  for step, ids in enumerate(run):
+    assert ids == pipeline.global_indices(n, batch_size=8, seed=1, step=step,
+                                          sampling='epoch').tolist()
+  if n >= 8:  # an epoch has no repeats, and the remainder is dropped
+    per_epoch = n // 8
+    first = sum(run[:per_epoch], [])
+    assert len(set(first)) == len(first)
+  else:  # epochs concatenated: every image once per n positions
+    flat = sum(run, [])
+    assert all(sorted(flat[i:i + n]) == list(range(n)) for i in range(0, len(flat) - n, n))
+
+
+def test_process_shards_concatenate():
+  s = _split(21)
+  full = _take(s, 6, batch_size=8, seed=0)
+  shards = [_take(s, 6, batch_size=8, seed=0, process_index=p, process_count=4) for p in range(4)]
+  assert all(len(b) == 2 for sh in shards for b in sh)
+  assert [sum((sh[i] for sh in shards), []) for i in range(6)] == full
+  with pytest.raises(ValueError, match='does not divide by process_count=3'):
+    pipeline.batch_stream(s, batch_size=8, seed=0, process_count=3)
+
+
+def test_replacement_fills_batch_from_split():
+  s = _split(3)
+  run = _take(s, 20, batch_size=16, seed=0, sampling='replacement')
+  assert all(len(b) == 16 and set(b) <= {0, 1, 2} for b in run)
+  assert set(sum(run, [])) == {0, 1, 2}
+  assert run[4:] == _take(s, 16, batch_size=16, seed=0, sampling='replacement', start_step=4)
+  with pytest.raises(ValueError, match="sampling='bogus'"):
+    pipeline.batch_stream(s, batch_size=4, seed=0, sampling='bogus')
+
+
+def test_prefetch_propagates_errors_and_stops():
+  s = _split(4)
+  s.images = s.images[:2]  # rows 2, 3 missing: the producer thread fails
+  stream = pipeline.batch_stream(s, batch_size=4, seed=0)
+  with pytest.raises(IndexError):
+    for _ in range(3):
+      next(stream)
+  stream = pipeline.batch_stream(_split(4), batch_size=2, seed=0)
+  next(stream)
+  stream.close()
+
+
+def _config(**data):
+  c = get_base_config()
+  for k, v in data.items():
+    c.data[k] = v
+  return c.data
+
+
+def test_load_folder_and_manifest(tmp_path):
+  root = str(tmp_path / 'root')
+  fake_tree.write_category(root, 'thing', {'a': 3, 'b': 2}, n_train=5, size=12, gray=True)
+  cfg = _config(name='folder', root=root, category='thing', image_size=8, texture=True)
+  data = pipeline.load_category(cfg, str(tmp_path / 'work'))
+  assert (len(data.unlabeled), len(data.labeled), len(data.test)) == (5, 2, 5)
+  assert data.unlabeled.images.shape == (5, 16, 16, 3) and data.labeled.masks.shape == (2, 16, 16, 1)
+  assert data.labeled.masks.any(axis=(1, 2, 3)).all()
+  assert sorted(data.labeled.defect_types) == ['a', 'b'] and data.texture and data.image_size == 8
+  again = pipeline.load_category(cfg, str(tmp_path / 'work'))
+  assert again.manifest == data.manifest and (again.test.images == data.test.images).all()
+  with pytest.raises(ValueError, match=r"valid: \('synthetic_defects', 'mvtec_ad', 'folder'\)"):
+    pipeline.load_category(_config(name='nope'), None)
+  with pytest.raises(ValueError, match='k_labeled=3'):
+    pipeline.load_category(_config(name='folder', root=root, category='thing', k_labeled=3), None)
+
+
+def test_load_synthetic_and_mvtec(tmp_path, monkeypatch):
+  monkeypatch.setenv('SEMISEG_DATA_DIR', str(tmp_path / 'tfds'))
+  data = pipeline.load_category(_config(category='washer', image_size=16), None)
+  assert len(data.unlabeled) == 200 and len(data.labeled) == 4 and len(data.test) == 20 + 4 * 14
+  assert data.test.images.shape[1:] == (16, 16, 3)
+  root = fake_tree.write_mvtec(str(tmp_path / 'manual'), categories=['toothbrush'], size=8)
+  data = pipeline.load_category(_config(name='mvtec_ad', category='toothbrush', root=root,
+                                        image_size=16), None)
+  assert (len(data.unlabeled), len(data.labeled), len(data.test)) == (4, 1, 3)
+  assert data.unlabeled.images.shape == (4, 16, 16, 3)
+  with pytest.raises(ValueError, match='data.root'):
+    pipeline.load_category(_config(name='mvtec_ad', category='bottle'), None)
+
+
+def test_throughput():
+  rate = throughput.measure_input(_split(40, 32), batch_size=8, steps=5)
+  assert rate > 0
