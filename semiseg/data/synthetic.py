@@ -75,8 +75,8 @@ def _texture(category: str, rng: np.random.Generator, size: int) -> np.ndarray:
     patch = patch.T
   g = _resize(np.ascontiguousarray(patch), size).astype(np.float32)
   g = (g - g.mean()) * rng.uniform(0.9, 1.1) + g.mean() * rng.uniform(0.92, 1.08)
-  rgb = g[..., None] * np.asarray(_TINT[category], np.float32)
-  return np.clip(rgb + 2.0 * rng.standard_normal(rgb.shape, dtype=np.float32), 0, 255)
+  g += 2.0 * rng.standard_normal(g.shape, dtype=np.float32)  # one noise plane: 3x cheaper
+  return g[..., None] * np.asarray(_TINT[category], np.float32)
 
 
 def _background(rng: np.random.Generator, size: int, base: tuple[float, float, float]) -> np.ndarray:
@@ -151,11 +151,11 @@ def _pcb(rng: np.random.Generator, size: int, seed: int) -> tuple[np.ndarray, np
 
 
 def _normal(category: str, rng: np.random.Generator, size: int, seed: int):
-  """(image float HxWx3, region where defects may lie, what a hole shows)."""
+  """(image float HxWx3, region where defects may lie, what a hole shows (array or a callable))."""
   if category in SYNTHETIC_TEXTURES:
     img = _texture(category, rng, size)
     region = np.ones((size, size), bool)
-    hole = np.clip(18 + 6 * _smooth_noise(rng, size, 8)[..., None] + np.zeros(3), 0, 255)
+    hole = lambda: np.clip(18 + 6 * _smooth_noise(rng, size, 8)[..., None], 0, 255)
     return img, region, hole
   if category == 'washer':
     return _washer(rng, size)
@@ -250,7 +250,7 @@ def _contamination_source(rng: np.random.Generator, size: int) -> np.ndarray:
   return _resize(np.ascontiguousarray(src[y:y + c, x:x + c]), size).astype(np.float32)
 
 
-def _add_defect(kind: str, img: np.ndarray, region: np.ndarray, behind: np.ndarray,
+def _add_defect(kind: str, img: np.ndarray, region: np.ndarray, behind,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
   """Draws one defect of ``kind``; returns (image, bool mask). The mask is never empty."""
   size = img.shape[0]
@@ -269,7 +269,7 @@ def _add_defect(kind: str, img: np.ndarray, region: np.ndarray, behind: np.ndarr
     elif kind == 'hole':
       m = _blob(rng, size, center, size * rng.uniform(0.03, 0.07)) & region
       rim = ndimage.binary_dilation(m, iterations=max(1, size // 128)) & ~m & region
-      out = np.where(m[..., None], behind, img)
+      out = np.where(m[..., None], behind() if callable(behind) else behind, img)
       out = np.where(rim[..., None], out * 0.6, out)
     elif kind in ('stain', 'color'):
       m = _blob(rng, size, center, size * rng.uniform(0.04, 0.1)) & region
