@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from absl import flags
 from ml_collections import config_flags
@@ -26,6 +27,11 @@ def start() -> None:
   from semiseg import sharding
   sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   import jax
+  # Persistent compilation cache: a rerun or resume of the same config skips XLA compilation.
+  cache = os.environ.get('SEMISEG_JAX_CACHE', os.path.expanduser('~/.cache/semiseg/jax'))
+  if cache and cache.lower() not in ('0', 'off', 'none'):
+    jax.config.update('jax_compilation_cache_dir', cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
   for noisy in ('orbax', 'orbax.checkpoint', 'jax._src', 'absl'):

@@ -1,0 +1,75 @@
+"""The shared loop end to end on the embedded dataset: resume is exact, reruns resume, eval is written."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import synthetic
+from semiseg import evaluate, train
+
+
+def unet_config(steps):
+  c = synthetic.get_config(f'washer,smoke,method=unet,num_train_steps={steps}')
+  c.ckpt.every_steps = 2
+  return c
+
+
+def params_of(result):
+  return [np.asarray(x) for x in jax.tree.leaves(result.state.params)]
+
+
+def test_resume_ends_with_the_same_parameters_as_a_straight_run(tmp_path):
+  straight = train.train(unet_config(4), str(tmp_path / 'straight'), progress=False)
+  first = train.train(unet_config(2), str(tmp_path / 'resumed'), progress=False)
+  assert first.resumed_from is None and int(first.state.step) == 2
+  second = train.train(unet_config(4), str(tmp_path / 'resumed'), progress=False)
+  assert second.resumed_from == 2 and int(second.state.step) == 4
+  for a, b in zip(params_of(straight), params_of(second)):
+    np.testing.assert_array_equal(a, b)
+  lines = [json.loads(l) for l in open(tmp_path / 'resumed' / 'metrics.jsonl')]
+  assert [l['step'] for l in lines] == [2, 4] and all(np.isfinite(l['loss']) for l in lines)
+  assert json.load(open(tmp_path / 'straight' / 'split.json'))['labeled']
+
+
+def test_smoke_twice_in_one_workdir_resumes_and_evaluates(tmp_path):
+  config = synthetic.get_config('washer,smoke')  # ae_unet: trains its AE first in <workdir>/ae
+  wd = str(tmp_path / 'run')
+  r1 = train.train(config, wd, progress=False)
+  assert r1.resumed_from is None and os.path.isdir(os.path.join(wd, 'ae', 'ckpt'))
+  r2 = train.train(config, wd, progress=False)
+  assert r2.resumed_from == config.num_train_steps
+  out = evaluate.evaluate(r2.method, r2.state, r2.data, r2.ctx, r2.mesh, config, wd, time_it=False)
+  saved = json.load(open(os.path.join(wd, 'eval.json')))
+  assert saved['test']['defect_iou'] == pytest.approx(out['test']['defect_iou'])
+  assert 0.0 <= out['test']['defect_iou'] <= 1.0 and out['num_test_images'] == len(r2.data.test)
+  info = json.load(open(os.path.join(wd, 'run_info.json')))
+  assert info['config']['method'] == 'ae_unet' and info['devices']
+
+
+def test_ae_workdir_without_checkpoint_is_a_clear_error(tmp_path):
+  config = synthetic.get_config(f'washer,smoke,ae_workdir={tmp_path / "nothing"}')
+  with pytest.raises(FileNotFoundError, match='No checkpoint'):
+    train.train(config, str(tmp_path / 'run'), progress=False)
+
+
+def test_second_run_on_a_locked_workdir_stops(tmp_path):
+  from semiseg import io
+  with io.workdir_lock(str(tmp_path)):
+    with pytest.raises(RuntimeError, match='Another run'):
+      train.train(unet_config(2), str(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('data.image_size', 34, 'unet_depth'),
+    ('optim.learning_rate', -1.0, 'learning_rate'),
+    ('batch_size', 0, 'batch_size'),
+])
+def test_values_that_cannot_work_name_the_key(tmp_path, key, value, match):
+  config = unet_config(2)
+  parent, leaf = key.rsplit('.', 1) if '.' in key else (None, key)
+  (config[parent] if parent else config)[leaf] = value
+  with pytest.raises(ValueError, match=match):
+    train.train(config, str(tmp_path), progress=False)
