@@ -147,21 +147,17 @@ def _sample_coords(matrix_3x3: jax.Array, out_hw: tuple[int, int]) -> tuple[jax.
   return r.reshape(-1), c.reshape(-1)
 
 
-def _fold(x: jax.Array, n: int, border: str) -> jax.Array:
-  """Moves a continuous coordinate into the range where the border rule is a plain lookup.
-
-  'constant': clip to [-1, n]; beyond that every neighbour is outside and reads the zero pad.
-  'edge': clip to [0, n-1]. 'reflect': fold into [0, n-1] with period 2(n-1); the piecewise-linear
-  interpolant of a mirror-extended row is itself mirror-symmetric, so folding the coordinate equals
-  folding the neighbour indices (scipy 'mirror'), for nearest as well as bilinear.
-  """
+def _map_index(i: jax.Array, n: int, border: str) -> jax.Array:
+  """Integer indices outside [0, n) -> the index whose value the border rule reads there."""
   if border == 'constant':
-    return jnp.clip(x, -1.0, float(n))
-  if border == 'edge' or n == 1:
-    return jnp.clip(x, 0.0, float(n - 1))
-  period = 2.0 * (n - 1)
-  x = x - period * jnp.floor(x / period)  # = mod(x, period); XLA's CPU float rem is far slower
-  return jnp.where(x > n - 1, period - x, x)
+    return jnp.where((i < 0) | (i >= n), n, i)  # n is the zero pad row/col appended in warp
+  if border == 'edge':
+    return jnp.clip(i, 0, n - 1)
+  if n == 1:
+    return jnp.zeros_like(i)
+  period = 2 * (n - 1)  # scipy 'mirror': the edge pixel itself is not repeated
+  i = jnp.mod(i, period)
+  return jnp.where(i >= n, period - i, i)
 
 
 @functools.partial(jax.jit, static_argnames=('out_hw', 'order', 'border'))
@@ -183,27 +179,24 @@ def warp(image_HxWxC: jax.Array, matrix_3x3: jax.Array, out_hw: tuple[int, int],
   # the per-pixel loop, where it would be recomputed for every output value (~1.6x slower).
   matrix_3x3 = jax.lax.optimization_barrier(matrix_3x3)
   r, c = _sample_coords(matrix_3x3, out_hw)
-  r, c = _fold(r, h, border), _fold(c, w, border)
-  # After _fold every neighbour (floor, floor + 1) lies in this padded image: 'constant' adds a zero
-  # ring (1 before, 2 after), the others one edge row/col after (read with weight 0 at the far edge).
-  pad, mode = ((1, 2), 'constant') if border == 'constant' else ((0, 1), 'edge')
-  padded = jnp.pad(image_HxWxC, (pad, pad, (0, 0)), mode=mode)
+  # 'constant' appends a zero row and column that every outside neighbour reads: no masks needed.
+  padded = jnp.pad(image_HxWxC, ((0, 1), (0, 1), (0, 0))) if border == 'constant' else image_HxWxC
   stride = padded.shape[1]
-  # One gather of [C] rows per neighbour from the flattened image: no per-pixel branching, no masks.
+  # One gather of a [C] row per neighbour from the flattened image, all pixels at once.
   flat_PxC = padded.reshape(-1, ch)
 
-  def gather(idx):
+  def gather(ri, ci):
+    idx = _map_index(ri, h, border) * stride + _map_index(ci, w, border)
     return flat_PxC.at[idx].get(mode='promise_in_bounds')  # in range by construction: no clamp
 
   if order == 0:
-    ri, ci = jnp.floor(r + 0.5).astype(jnp.int32), jnp.floor(c + 0.5).astype(jnp.int32)
-    out = gather((ri + pad[0]) * stride + ci + pad[0])
+    out = gather(jnp.floor(r + 0.5).astype(jnp.int32), jnp.floor(c + 0.5).astype(jnp.int32))
   else:
     r0f, c0f = jnp.floor(r), jnp.floor(c)
     fr, fc = (r - r0f)[:, None], (c - c0f)[:, None]
-    base = (r0f.astype(jnp.int32) + pad[0]) * stride + c0f.astype(jnp.int32) + pad[0]
-    p00, p01 = gather(base), gather(base + 1)
-    p10, p11 = gather(base + stride), gather(base + stride + 1)
+    r0, c0 = r0f.astype(jnp.int32), c0f.astype(jnp.int32)
+    p00, p01 = gather(r0, c0), gather(r0, c0 + 1)
+    p10, p11 = gather(r0 + 1, c0), gather(r0 + 1, c0 + 1)
     top = p00 + fc * (p01 - p00)
     bottom = p10 + fc * (p11 - p10)
     out = top + fr * (bottom - top)

@@ -281,3 +281,18 @@ def test_from_config_and_validation():
     augment.AugmentSpec(border='wrap')
   with pytest.raises(ValueError, match='order'):
     augment.warp(jnp.zeros((4, 4, 1)), jnp.eye(3), (4, 4), 3, 'constant')
+
+
+def test_gradient_flows_through_warp():
+  """Consistency losses warp predictions: the warp must be differentiable w.r.t. the image."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.random((1, 12, 12, 2)), jnp.float32)
+  w = jnp.asarray(rng.random((1, 12, 12, 2)), jnp.float32)
+  m = jnp.asarray(_rigid(0.3, 1.2, -0.7, True, False, (12, 12), (12, 12))[None], jnp.float32)
+  loss = lambda x: jnp.sum(w * augment.warp_batch(x, m, (12, 12), 1, 'reflect'))
+  grad = np.asarray(jax.grad(loss)(x))
+  e = np.zeros((1, 12, 12, 2), np.float32)
+  e[0, 6, 4, 1] = 1.0
+  # The loss is linear in x, so a unit step gives the exact partial derivative.
+  assert abs(float(loss(x + e) - loss(x)) - grad[0, 6, 4, 1]) < 1e-4
+  assert np.abs(grad).sum() > 0
