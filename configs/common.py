@@ -128,7 +128,25 @@ def get_base_config() -> config_dict.ConfigDict:
   c.ckpt.every_steps = 500
   c.ckpt.keep = 2
 
-  c.method_kwargs = config_dict.ConfigDict()  # per-method knobs, filled by the method's defaults
+  # Baselines of Table 2 (paper 4.3). PCA: components by count, or (num_components=0) by kept variance.
+  c.pca = config_dict.ConfigDict()
+  c.pca.num_components = 0  # 0: choose by config.pca.variance
+  c.pca.variance = 0.95  # fraction of the training variance kept when num_components is 0
+  c.pca.max_components = 256  # size of the stored basis (fixed before the fit, for checkpoints)
+
+  c.anogan = config_dict.ConfigDict()  # Schlegl et al. 2017 on a DCGAN
+  c.anogan.latent_dim = 100
+  c.anogan.features = (32, 64, 128, 256, 256)  # D widths per stride-2 level; G mirrors them
+  c.anogan.learning_rate = 2e-4  # Adam, both players (DCGAN's settings)
+  c.anogan.b1 = 0.5
+  c.anogan.search_steps = 100  # latent search per test image (Adam on z)
+  c.anogan.search_learning_rate = 0.05
+  c.anogan.discrimination_weight = 0.1  # lambda of (1 - lambda) * residual + lambda * discrimination
+
+  c.consistency = config_dict.ConfigDict()  # pi_model and mean_teacher
+  c.consistency.weight = 1.0  # max weight of the mean squared probability difference
+  c.consistency.rampup_steps = 60  # sigmoid ramp-up exp(-5 (1 - t)^2) to the max weight
+  c.consistency.ema_decay = 0.99  # mean_teacher: teacher = d * teacher + (1 - d) * student
   return c
 
 
@@ -145,6 +163,11 @@ def smoke(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
   c.model.latent_dim = 16
   c.model.unet_features = 4
   c.model.unet_depth = 2
+  c.pca.max_components = 16
+  c.anogan.latent_dim = 16
+  c.anogan.features = (8, 16)
+  c.anogan.search_steps = 3
+  c.consistency.rampup_steps = 2
   return c
 
 
@@ -157,6 +180,10 @@ def cpu(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
   c.model.latent_dim = 100
   c.model.unet_features = 16
   c.model.unet_depth = 3
+  c.anogan.latent_dim = 64
+  c.anogan.features = (16, 32, 64, 64)
+  c.anogan.search_steps = 50
+  c.consistency.rampup_steps = 100
   c.optim.learning_rate = 1e-3
   c.log_every_steps = 20
   c.ckpt.every_steps = 200

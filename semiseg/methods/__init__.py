@@ -9,6 +9,10 @@ REGISTRY = {
     'ae': 'semiseg.methods.autoencoder',
     'unet': 'semiseg.methods.unet',
     'ae_unet': 'semiseg.methods.ae_unet',
+    'pca': 'semiseg.methods.pca',
+    'anogan': 'semiseg.methods.anogan',
+    'pi_model': 'semiseg.methods.pi_model',
+    'mean_teacher': 'semiseg.methods.mean_teacher',
 }
 
 
