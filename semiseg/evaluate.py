@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -103,17 +103,23 @@ def fit_threshold(scores: np.ndarray, split) -> float:
 
 
 def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.MethodContext, mesh, config,
-             workdir: str | None = None, time_it: bool = True) -> dict:
+             workdir: str | None = None, time_it: bool = True,
+             score_sink: Callable[[str, np.ndarray], None] | None = None) -> dict:
   """Metrics of a trained method on the test split (and on its labeled training images).
 
   Probability methods use ``config.threshold``. Anomaly-score methods (AE, PCA, AnoGAN) fit the
   threshold on the labeled images by the paper's rule (``threshold_rule='labeled'``); the test-fitted
   ``oracle`` threshold is reported alongside, under that name, never as the main number.
+  ``score_sink(split_name, scores_NxHxW)``, when given, sees the 'test' and 'train' score maps
+  (figures and overlays without predicting a second time).
   """
   num_bins = int(config.get('num_bins', 1000))
   predictor = Predictor(method, state, ctx, mesh, config.eval_batch_size)
   test_scores = predictor(data.test.images)
   train_scores = predictor(data.labeled.images)
+  if score_sink is not None:
+    score_sink('test', test_scores)
+    score_sink('train', train_scores)
   rule = config.threshold_rule if method.score_kind == 'anomaly' else 'fixed'
   if rule not in ('labeled', 'oracle', 'fixed'):
     raise ValueError(f"config.threshold_rule must be 'labeled', 'oracle' or 'fixed', got {rule!r}.")

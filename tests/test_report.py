@@ -1,0 +1,88 @@
+"""Report tables: mean ± std over seeds against numpy, CSV round trip, rows of an eval, paper columns."""
+
+import math
+
+import numpy as np
+import pytest
+
+from semiseg import report
+
+
+def hand_rows():
+  """2 categories x 2 methods x 3 seeds, known defect IoUs; seed 2 of (b, unet) missing."""
+  rng = np.random.default_rng(0)
+  values = {(c, m, s): float(rng.uniform()) for c in ('a', 'b') for m in ('unet', 'ae_unet') for s in (0, 1, 2)}
+  del values[('b', 'unet', 2)]
+  rows = []
+  for (c, m, s), v in values.items():
+    base = dict(dataset='synthetic_defects', category=c, method=m, seed=s, ms_per_image=1.0,
+                **{k: 0.5 for k in report.METRICS})
+    rows.append({**base, 'variant': 'main', 'split': 'test', 'defect_iou': v})
+    rows.append({**base, 'variant': 'main', 'split': 'train', 'defect_iou': 1 - v})
+  return rows, values
+
+
+def test_seed_stats_match_numpy():
+  rows, values = hand_rows()
+  stats = report.seed_stats(rows, 'defect_iou')
+  for c in ('a', 'b'):
+    for m in ('unet', 'ae_unet'):
+      v = [values[(c, m, s)] for s in (0, 1, 2) if (c, m, s) in values]
+      assert stats[(c, m)].mean == pytest.approx(np.mean(v))
+      assert stats[(c, m)].std == pytest.approx(np.std(v, ddof=1))
+      assert stats[(c, m)].n == len(v)
+  train = report.seed_stats(rows, 'defect_iou', split='train')
+  assert train[('a', 'unet')].mean == pytest.approx(1 - stats[('a', 'unet')].mean)
+
+
+def test_mean_row_is_over_seeds_of_the_category_mean():
+  rows, values = hand_rows()
+  means = report.category_mean_stats(rows, 'defect_iou', ['a', 'b'])
+  per_seed = [np.mean([values[(c, 'ae_unet', s)] for c in 'ab']) for s in (0, 1, 2)]
+  assert means['ae_unet'].mean == pytest.approx(np.mean(per_seed))
+  assert means['ae_unet'].std == pytest.approx(np.std(per_seed, ddof=1))
+  assert means['unet'].n == 2  # seed 2 lacks category b: left out of the mean
+
+
+def test_table_text_shows_mean_pm_std():
+  rows, values = hand_rows()
+  text = report.metric_table(rows, 'defect_iou')
+  v = [values[('a', 'unet', s)] for s in (0, 1, 2)]
+  assert f'{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}' in text
+  assert text.splitlines()[0] == '| category | unet | ae_unet |'
+  assert report.fmt(report.stat([0.25])) == '0.250'  # one seed: the value alone
+  assert report.fmt(report.stat([])) == '–'
+
+
+def test_paper_columns_for_mvtec():
+  rows, _ = hand_rows()
+  rows = [{**r, 'category': 'bottle' if r['category'] == 'a' else 'wood'} for r in rows]
+  text = report.metric_table(rows, 'defect_iou', paper=report.PAPER_TABLE2)
+  assert 'paper AE + Unet' in text and 'paper Unet' in text
+  assert '0.655' in text and '0.652' in text and '0.666' in text  # bottle, wood, mean of AE + Unet
+  t1 = report.table1({'bottle': {'unlabeled': 217, 'labeled': 4, 'test': 71}}, True)
+  assert t1.endswith('| bottle | 217 | 4 | 71 | 1.81 | 217 | 4 | 71 | 1.80 |')  # the paper truncates 1.81
+
+
+def test_csv_round_trip_and_rows_of_an_eval(tmp_path):
+  res = {k: 0.1 for k in report.METRICS}
+  ev = {'test': {**res, 'image_auroc': math.nan}, 'train': res, 'oracle': {'threshold': 0.3, 'test': res},
+        'ms_per_image': {'batch_1': 2.0, 'batch_16': 0.5, 'device': 'cpu'}}
+  rows = report.rows_from_eval(ev, 'mvtec_ad', 'bottle', 'ae', 'main', 3)
+  assert [(r['split'], r['variant']) for r in rows] == [('test', 'main'), ('train', 'main'), ('test', 'oracle')]
+  assert rows[0]['ms_per_image'] == 2.0
+  path = str(tmp_path / 'r.csv')
+  report.write_csv(path, rows, report.RESULT_COLUMNS)
+  back = report.read_csv(path)
+  assert list(back[0]) == list(report.RESULT_COLUMNS)
+  assert back[0]['seed'] == 3 and math.isnan(back[0]['image_auroc']) and back[1]['defect_iou'] == 0.1
+  t = report.timing_from_eval(ev, 'mvtec_ad', 'bottle', 'ae', 'main', 3)
+  assert (t['ms_batch_1'], t['batch_n'], t['ms_batch_n'], t['device']) == (2.0, 16, 0.5, 'cpu')
+
+
+def test_figure_indices_take_one_defect_type_at_a_time():
+  masks = np.zeros((6, 4, 4, 1), np.uint8)
+  masks[[1, 2, 3, 5]] = 1
+  types = ['good', 'crack', 'crack', 'hole', 'good', 'crack']
+  assert report.figure_indices(types, masks, 2) == [1, 3]
+  assert report.figure_indices(types, masks, 10) == [1, 2, 3, 5]

@@ -1,0 +1,117 @@
+"""reproduce end to end on a smoke config: CSV columns, every table, figures; a rerun trains nothing."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import reproduce as reproduce_config
+from semiseg import report, train
+
+CELLS = ('ae', 'unet', 'ae_unet', 'unet_no_aug', 'ae_unet_diff')
+
+
+def smoke_config():
+  c = reproduce_config.get_config('synthetic,smoke')
+  c.categories, c.methods, c.seeds = 'washer', 'ae,unet,ae_unet', '0'
+  return c
+
+
+@pytest.fixture(scope='module')
+def repro(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('repro'))
+  return root, report.reproduce(smoke_config(), root, progress=False)
+
+
+def test_results_csv_has_the_exact_columns_and_every_cell(repro):
+  root, result = repro
+  with open(os.path.join(root, 'results.csv')) as f:
+    assert f.readline().strip() == ','.join(report.RESULT_COLUMNS)
+  rows = report.read_csv(os.path.join(root, 'results.csv'))
+  keys = {(r['method'], r['variant'], r['split']) for r in rows}
+  for method, variant in (('ae', 'main'), ('unet', 'main'), ('ae_unet', 'main'), ('unet', 'no_aug'),
+                          ('ae_unet', 'diff')):
+    assert {(method, variant, 'test'), (method, variant, 'train')} <= keys
+  assert ('ae', 'oracle', 'test') in keys  # anomaly-score method: its oracle row, under that name
+  assert all(0 <= r['defect_iou'] <= 1 and r['seed'] == 0 and r['ms_per_image'] > 0 for r in rows)
+  assert sorted(result.cells_run) == sorted(f'washer/seed0/{c}' for c in CELLS) and not result.cells_failed
+
+
+def test_report_has_every_table_and_the_figures(repro):
+  root, result = repro
+  text = open(result.report_path).read()
+  for heading in ('Table 1', 'Table 2:', 'Table 2b', 'Table 3', 'Table 4', 'Table A1', 'Table A2',
+                  'Threshold-free', 'Figure 6'):
+    assert f'## {heading}' in text, heading
+  assert '](figures/fig6_washer.png)' in text
+  fig = Image.open(os.path.join(root, 'figures', 'fig6_washer.png'))
+  assert fig.size[0] > 600 and fig.size[1] > 300
+  test_count = len(report.read_csv(os.path.join(root, 'results.csv')))  # any file: just readable
+  assert test_count
+  n_test = int(report.io.read_json(os.path.join(root, 'washer', 'seed0', 'ae', 'eval.json'))['num_test_images'])
+  for method in ('ae', 'unet', 'ae_unet'):
+    pngs = os.listdir(os.path.join(root, 'figures', 'overlays', 'washer', method))
+    assert len(pngs) == n_test and all(p.endswith('.png') for p in pngs)
+
+
+def test_rerun_skips_finished_cells(repro, monkeypatch):
+  root, _ = repro
+  evals = [os.path.join(root, 'washer', 'seed0', c, 'eval.json') for c in CELLS]
+  before = [os.stat(p).st_mtime_ns for p in evals]
+
+  def no_training(*args, **kwargs):
+    raise AssertionError('a finished cell was trained again')
+  monkeypatch.setattr(train, 'train', no_training)
+  again = report.reproduce(smoke_config(), root, progress=False)
+  assert again.cells_run == [] and again.cells_failed == [] and len(again.cells_skipped) == len(CELLS)
+  assert [os.stat(p).st_mtime_ns for p in evals] == before
+  assert os.path.exists(again.report_path)
+
+
+def test_a_changed_config_is_not_finished(repro):
+  root, _ = repro
+  config = smoke_config()
+  cells, _ = report.plan(config)
+  other = config.copy_and_resolve_references()
+  other.threshold = 0.4
+  for c in cells:
+    assert report.finished_eval(c.workdir(root), report.fingerprint(report.cell_config(config, c, root)))
+    assert not report.finished_eval(c.workdir(root), report.fingerprint(report.cell_config(other, c, root)))
+
+
+def test_plan_skips_methods_not_in_the_registry(monkeypatch):
+  from semiseg import methods
+  monkeypatch.setattr(methods, 'REGISTRY', {k: v for k, v in methods.REGISTRY.items() if k != 'pca'})
+  config = smoke_config()
+  config.methods = 'pca,unet'
+  config.ablations = False
+  cells, skipped = report.plan(config)
+  assert skipped == ['pca'] and [c.name for c in cells] == ['unet']
+  config.methods = 'unet,nonsense'
+  with pytest.raises(ValueError, match='nonsense'):
+    report.plan(config)
+
+
+@pytest.mark.parametrize('arg', ['synthetic', 'synthetic,smoke', 'mvtec', 'mvtec,smoke', 'folder,smoke',
+                                 'synthetic,smoke,seeds=4,batch_size=2'])
+def test_config_loads_and_locks(arg):
+  c = reproduce_config.get_config(arg)
+  c.lock()
+  assert isinstance(c.methods, str) and isinstance(c.seeds, str) and isinstance(c.categories, str)
+  assert report.split_list(c.methods) == ['pca', 'anogan', 'ae', 'unet', 'pi_model', 'mean_teacher', 'ae_unet']
+  if 'seeds=4' in arg:
+    assert c.seeds == '4' and c.batch_size == 2
+  if arg.startswith('mvtec'):
+    assert len(report.split_list(c.categories)) == 15
+  c.methods = 'ae,unet'  # what --config.methods=ae,unet sets
+
+
+def test_cell_config_sets_category_fields_and_variants(tmp_path):
+  config = smoke_config()
+  brick = report.cell_config(config, report.Cell('synthetic_defects', 'brick', 1, 'unet', 'no_aug'), str(tmp_path))
+  washer = report.cell_config(config, report.Cell('synthetic_defects', 'washer', 1, 'ae_unet', 'diff'), str(tmp_path))
+  assert brick.data.texture and not washer.data.texture and brick.augment.border == 'reflect'
+  assert not brick.augment.enabled and brick.seed == 1 and brick.data.split_seed == config.data.split_seed
+  assert washer.model.unet_input == 'diff' and washer.ae_workdir == str(tmp_path / 'washer' / 'seed1' / 'ae')
+  assert 'methods' not in washer
