@@ -1,0 +1,1 @@
+"""Benchmark support: PyTorch reference networks (optional extra ``bench``) and timing helpers."""
