@@ -110,6 +110,9 @@ def get_base_config() -> config_dict.ConfigDict:
   c.model.ae_loss = 'mse'  # 'mse' | 'ssim'
   c.model.unet_features = 64
   c.model.unet_depth = 4
+  # Defect-pixel prior for the U-Net head's initial bias (0.5 = zero bias). Defects are ~1 % of the
+  # pixels; starting there skips the first hundreds of steps spent learning "all background".
+  c.model.unet_prior = 0.01
   c.model.unet_input = 'image+diff'  # ae_unet: 'image' | 'diff' | 'image+diff' (Table 4)
   c.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -14,8 +15,12 @@ from semiseg.models.unet import UNet
 
 
 def create_model(config) -> UNet:
+  prior = config.model.unet_prior
+  if not 0.0 < prior < 1.0:
+    raise ValueError(f'config.model.unet_prior must be in (0, 1), got {prior}.')
   return UNet(features=config.model.unet_features, depth=config.model.unet_depth,
-              dtype=base.compute_dtype(config.model.dtype))
+              dtype=base.compute_dtype(config.model.dtype),
+              head_bias_init=float(math.log(prior / (1.0 - prior))))
 
 
 def augmented_labeled(state: base.TrainState, batch: base.Batch, spec: augment.AugmentSpec):

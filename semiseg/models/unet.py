@@ -59,6 +59,9 @@ class UNet(nn.Module):
   depth: int = 4
   num_outputs: int = 1
   dtype: Any = jnp.float32
+  # Initial bias of the 1x1 head: log(p / (1 - p)) starts the network at a defect-pixel prior p
+  # instead of 0.5 (Lin et al. 2017, RetinaNet); 0.0 is the plain zero init.
+  head_bias_init: float = 0.0
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
@@ -78,5 +81,6 @@ class UNet(nn.Module):
       x = UpConv2x2(self.features * 2 ** level, self.dtype, name=f'upconv_{level}')(x)
       x = jnp.concatenate([skips[level], x.astype(skips[level].dtype)], axis=-1)
       x = DoubleConv(self.features * 2 ** level, self.dtype, name=f'up_{level}')(x)
-    logits = nn.Conv(self.num_outputs, (1, 1), dtype=self.dtype, name='head')(x)
+    logits = nn.Conv(self.num_outputs, (1, 1), dtype=self.dtype, name='head',
+                     bias_init=nn.initializers.constant(self.head_bias_init))(x)
     return logits.astype(jnp.float32)
