@@ -187,7 +187,7 @@ def cpu(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
   c.anogan.features = (16, 32, 64, 64)
   c.anogan.search_steps = 50
   c.consistency.rampup_steps = 100
-  c.optim.learning_rate = 1e-3
+  c.optim.learning_rate = 2e-3
   c.log_every_steps = 20
   c.ckpt.every_steps = 200
   return c
