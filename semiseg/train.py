@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -56,9 +57,15 @@ def stream_batch_sizes(config, streams: tuple[str, ...]) -> dict[str, int]:
   return sizes
 
 
-def schedule(config, primary_len: int) -> tuple[int, int]:
-  """(steps_per_epoch, num_train_steps): an epoch is one pass over the primary stream."""
-  steps_per_epoch = config.steps_per_epoch or max(1, math.ceil(primary_len / config.batch_size))
+def schedule(config, num_unlabeled: int) -> tuple[int, int]:
+  """(steps_per_epoch, num_train_steps).
+
+  An epoch is one pass's worth of the category's unlabeled training images at ``batch_size``, for
+  every method: with 2-9 labeled images a pass over the labeled set would be a single step, and the
+  paper's "decay every 30 epochs" would then decay every 30 steps. So all methods of a category train
+  for the same number of steps and decay on the same schedule.
+  """
+  steps_per_epoch = config.steps_per_epoch or max(1, math.ceil(num_unlabeled / config.batch_size))
   total = config.num_train_steps if config.num_train_steps is not None else config.num_epochs * steps_per_epoch
   if steps_per_epoch <= 0:
     raise ValueError(f'config.steps_per_epoch must be positive, got {steps_per_epoch}.')
@@ -102,10 +109,11 @@ def build(config, workdir: str | None, mesh=None, data: pipeline.CategoryData | 
   """Data, method and schedule for a config, without touching checkpoints."""
   validate_config(config)
   mesh = mesh or sharding.create_mesh()
-  if data is None:
-    data = pipeline.load_category(config.data, workdir)
+  if data is None:  # process 0 prepares the dataset and writes split.json; the others then read them
+    data = sharding.main_process_first(lambda: pipeline.load_category(config.data, workdir),
+                                       'semiseg.load_category')
   primary = primary_stream(config)
-  steps_per_epoch, total = schedule(config, len(getattr(data, primary)))
+  steps_per_epoch, total = schedule(config, len(data.unlabeled))
   ctx = base.MethodContext(image_size=config.data.image_size, texture=data.texture,
                            steps_per_epoch=steps_per_epoch, workdir=workdir, data=data)
   method = create_method(config, ctx)
@@ -170,7 +178,8 @@ def _batches(method: base.Method, config, data, start_step: int, mesh):
 
 def train(config, workdir: str, mesh=None, data=None, progress: bool = True) -> TrainResult:
   """Trains ``config.method`` in ``workdir``, resuming from its latest checkpoint."""
-  with io.workdir_lock(workdir):
+  # One lock per run: process 0 holds it (the others share its workdir, often on the same host).
+  with io.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
     return _train_locked(config, workdir, mesh, data, progress)
 
 
