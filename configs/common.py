@@ -148,7 +148,9 @@ def get_base_config() -> config_dict.ConfigDict:
 
   c.consistency = config_dict.ConfigDict()  # pi_model and mean_teacher
   c.consistency.weight = 1.0  # max weight of the mean squared probability difference
-  c.consistency.rampup_steps = 60  # sigmoid ramp-up exp(-5 (1 - t)^2) to the max weight
+  # Sigmoid ramp-up exp(-5 (1 - t)^2) to the max weight; ~80 epochs as in Laine & Aila at the paper's
+  # settings (an epoch is a pass over the unlabeled set: ~14 steps at batch 16).
+  c.consistency.rampup_steps = 1000
   c.consistency.ema_decay = 0.99  # mean_teacher: teacher = d * teacher + (1 - d) * student
   return c
 
