@@ -3,30 +3,57 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
+T = TypeVar('T')
 
 
 def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None) -> None:
+                                 process_id: int | None = None) -> bool:
   """Starts ``jax.distributed`` when flags or the usual cluster environment variables ask for it.
 
-  Flags win; otherwise JAX's own cluster detection (``JAX_COORDINATOR_ADDRESS``, SLURM, TPU pods...)
-  is used when one of those variables is set. A single process on one host does nothing.
+  Flags win, then ``JAX_COORDINATOR_ADDRESS`` (with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` when
+  no cluster manager says them), then JAX's own detection of a job of several processes (SLURM, Open
+  MPI, Cloud TPU). A single process on one host does nothing. Returns whether it initialized.
+  Must run before anything touches a JAX backend.
   """
+  env = os.environ
   if coordinator_address or num_processes or process_id is not None:
     if not (coordinator_address and num_processes and process_id is not None):
       raise ValueError('Multi-host start needs all of --coordinator_address, --num_processes and '
                        '--process_id (or none of them).')
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif any(v in os.environ for v in ('JAX_COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES',
-                                     'OMPI_COMM_WORLD_SIZE')):
+    return True
+  if env.get('JAX_COORDINATOR_ADDRESS'):
+    count, index = env.get('JAX_NUM_PROCESSES'), env.get('JAX_PROCESS_ID')
+    jax.distributed.initialize(env['JAX_COORDINATOR_ADDRESS'], int(count) if count else None,
+                               int(index) if index else None)
+    return True
+  several = (int(env.get('SLURM_NTASKS', '1') or 1) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1') or 1) > 1
+             or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
+  if several:
     jax.distributed.initialize()
+  return several
+
+
+def main_process_first(fn: Callable[[], T], name: str) -> T:
+  """``fn()`` on process 0, a barrier, then ``fn()`` on the other processes.
+
+  For one-time work on shared files that every process then reads: TFDS dataset preparation and
+  ``split.json``. Without it, processes on one file system race on the same files. ``name`` labels
+  the barrier (every process must pass the same one).
+  """
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils
+  out = fn() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(name)
+  return fn() if jax.process_index() != 0 else out
 
 
 def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
