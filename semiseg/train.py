@@ -12,7 +12,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_dict
 from tqdm.auto import tqdm
@@ -196,8 +195,7 @@ def _train_locked(config, workdir, mesh, data, progress) -> TrainResult:
 
     if method.train_step is None:  # closed-form method: one fit over the unlabeled images
       if step == 0:
-        images = sharding.to_global({'image': data.unlabeled.images}, mesh)['image'] \
-            if jax.process_count() == 1 else jnp.asarray(data.unlabeled.images)
+        images = sharding.from_full_array(data.unlabeled.images, mesh)  # any count, any process count
         state = jax.jit(method.fit)(state, images)
         step = int(jax.device_get(state.step))
         ckpt.save(step, state, _meta(config, step, step, True), force=True)
@@ -223,7 +221,7 @@ def _loop(method, config, workdir, ckpt, mesh, data, state, step, total, progres
   batches = _batches(method, config, data, step, mesh)
   images_per_step = sum(stream_batch_sizes(config, method.streams).values())
   bar = tqdm(total=total, initial=step, desc=f'{config.method}', disable=not (progress and is_main),
-             dynamic_ncols=True, leave=False)
+             dynamic_ncols=True, leave=False, mininterval=2.0)
   pending = None  # (step, metrics): pulled one step late so dispatch stays asynchronous
   t_last, n_last = time.perf_counter(), step
   compile_s = None
