@@ -2,13 +2,48 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from typing import Any
+import shutil
+from typing import Any, Callable
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+DIGEST_KEY = 'state_sha256'  # meta field: hash of the state's leaves at save time
+STRUCTURE_KEY = 'state_structure'  # meta field: hash of the leaves' paths, shapes and dtypes
+
+
+def _leaves(state: Any) -> list[tuple[str, Any]]:
+  return [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]]
+
+
+def structure_digest(state: Any) -> str:
+  """Paths, shapes and dtypes of the leaves (also of an abstract state): which model a checkpoint is for."""
+  text = ';'.join(f'{p}:{tuple(x.shape)}:{np.dtype(x.dtype).str}' for p, x in _leaves(state))
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def state_digest(state: Any) -> str | None:
+  """SHA-256 of every leaf's bytes, so restore can tell a silently damaged array file (Orbax reads
+  some byte-level damage without an error). None when a leaf is not replicated on this process."""
+  h = hashlib.sha256()
+  for path, leaf in _leaves(state):
+    if isinstance(leaf, jax.Array):
+      if leaf.is_fully_addressable:
+        leaf = np.asarray(leaf)
+      elif leaf.is_fully_replicated:
+        leaf = np.asarray(leaf.addressable_data(0))
+      else:
+        return None
+    leaf = np.ascontiguousarray(leaf)
+    h.update(f'{path}:{leaf.shape}:{leaf.dtype.str};'.encode())
+    h.update(leaf.tobytes())
+  return h.hexdigest()
 
 
 class Checkpointer:
@@ -21,6 +56,7 @@ class Checkpointer:
       raise ValueError(f'config.ckpt.keep must be positive, got {keep}.')
     self.directory = os.path.join(os.path.abspath(workdir), 'ckpt')
     self.every_steps = every_steps
+    self.failed_steps: list[int] = []  # steps newer than the last restored one that could not be read
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -37,34 +73,79 @@ class Checkpointer:
     return step % self.every_steps == 0
 
   def save(self, step: int, state: Any, meta: dict, force: bool = False) -> None:
+    meta = {**meta, STRUCTURE_KEY: structure_digest(state), DIGEST_KEY: state_digest(state)}
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=force)
 
-  def restore(self, abstract_state: Any) -> tuple[Any, dict, int] | None:
+  def restore(self, abstract_state: Any,
+              check_meta: Callable[[dict], None] | None = None) -> tuple[Any, dict, int] | None:
     """Restores the newest readable checkpoint into ``abstract_state``'s shapes and shardings.
 
-    A truncated or corrupt newest checkpoint is reported and the previous one tried. Returns
-    ``(state, meta, step)`` or None when the workdir has no checkpoint.
+    ``check_meta(meta)`` runs before any array is read and may raise (a checkpoint made for another
+    config is an error, not damage). A truncated or corrupt newest checkpoint (unreadable, or its
+    arrays differ from the hash saved with it) is reported and the previous one tried; the steps
+    that failed are left in ``failed_steps``. Returns ``(state, meta, step)`` or None when the
+    workdir has no checkpoint.
     """
-    steps = self.all_steps()
+    self.failed_steps = []
     failed = []
-    for step in reversed(steps):
+    for step in reversed(self.all_steps()):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        meta = dict(self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))['meta'] or {})
       except Exception as e:  # Orbax raises various types for missing/corrupt files.
         failed.append(step)
-        log.warning('Checkpoint %s/%d could not be restored (%s: %s); trying an older one.',
-                    self.directory, step, type(e).__name__, str(e).splitlines()[0] if str(e) else '')
+        self._warn(step, e)
+        continue
+      if check_meta is not None:
+        check_meta(meta)
+      if meta.get(STRUCTURE_KEY) not in (None, structure_digest(abstract_state)):
+        raise ValueError(f'The checkpoint {self.directory}/{step} holds a state of other shapes than this '
+                         'config builds (the model or method settings changed): use another --workdir '
+                         'or the config it was trained with.')
+      try:
+        state = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))['state']
+        if meta.get(DIGEST_KEY) and state_digest(state) not in (None, meta[DIGEST_KEY]):
+          raise ValueError('its arrays do not match the SHA-256 saved with them (damaged files)')
+      except Exception as e:
+        failed.append(step)
+        self._warn(step, e)
         continue
       if failed:
-        log.warning('Restored checkpoint step %d after checkpoint(s) %s in %s failed to load.',
-                    step, failed, self.directory)
-      return restored['state'], dict(restored['meta'] or {}), step
+        log.warning('Restored checkpoint %s/%d instead of the newer %s, which could not be read.',
+                    self.directory, step, ', '.join(f'{self.directory}/{s}' for s in failed))
+      self.failed_steps = failed
+      return state, meta, step
     if failed:
       raise RuntimeError(f'No checkpoint in {self.directory} could be restored (tried steps {failed}); '
                          'delete that folder to start from scratch.')
     return None
+
+  def _warn(self, step: int, e: Exception) -> None:
+    log.warning('Checkpoint %s/%d could not be restored (%s: %s); trying an older one.',
+                self.directory, step, type(e).__name__, str(e).splitlines()[0] if str(e) else '')
+
+  def set_aside_failed(self) -> None:
+    """Moves the steps the last restore could not read to ``ckpt.corrupt/`` (kept for inspection),
+    so that the resumed run can save those steps again."""
+    if not self.failed_steps:
+      return
+    aside = self.directory + '.corrupt'
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for step in self.failed_steps:
+        target = os.path.join(aside, str(step))
+        n = 1
+        while os.path.exists(target):
+          target, n = os.path.join(aside, f'{step}.{n}'), n + 1
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        log.warning('Moved the unreadable checkpoint %s/%d to %s.', self.directory, step, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices('semiseg.checkpoint.set_aside_failed')
+    self.failed_steps = []
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -135,10 +135,11 @@ def _meta(config, step: int, total: int, done: bool) -> dict:
 
 def _initial_state(method: base.Method, config, ckpt: checkpoint.Checkpointer, mesh):
   key = jax.random.PRNGKey(config.seed)
-  restored = ckpt.restore(sharding.abstract_state(method.init, key, mesh))
+  restored = ckpt.restore(sharding.abstract_state(method.init, key, mesh),
+                          check_meta=lambda meta: _check_meta(meta, config, ckpt.directory))
   if restored is not None:
     state, meta, step = restored
-    _check_meta(meta, config, ckpt.directory)
+    ckpt.set_aside_failed()  # unreadable newer steps would block saving those steps again
     return state, step
   state = sharding.create_sharded_state(method.init, key, mesh)
   if method.extras is not None:
@@ -147,11 +148,13 @@ def _initial_state(method: base.Method, config, ckpt: checkpoint.Checkpointer, m
 
 
 def _check_meta(meta: dict, config, where: str) -> None:
-  for key, value in (('method', config.method), ('image_size', config.data.image_size),
-                     ('category', config.data.category)):
+  for key, name, value in (('method', 'config.method', config.method),
+                           ('image_size', 'config.data.image_size', config.data.image_size),
+                           ('category', 'config.data.category', config.data.category)):
     if key in meta and meta[key] != value:
       raise ValueError(f'The checkpoint in {where} was made with {key}={meta[key]!r} but the config asks '
-                       f'for {value!r}: use another --workdir or the matching config.')
+                       f'for {name}={value!r}: use another --workdir (or config.ae_workdir for the AE of '
+                       f'ae_unet) or set {name}={meta[key]!r}.')
 
 
 def _check_finite(metrics: dict, step: int) -> None:
@@ -283,7 +286,8 @@ def restore_trained(config, workdir: str, mesh=None, data=None):
   method, data, ctx, mesh, total = build(config, workdir, mesh, data)
   ckpt = checkpoint.Checkpointer(workdir, config.ckpt.every_steps, config.ckpt.keep)
   try:
-    restored = ckpt.restore(sharding.abstract_state(method.init, jax.random.PRNGKey(config.seed), mesh))
+    restored = ckpt.restore(sharding.abstract_state(method.init, jax.random.PRNGKey(config.seed), mesh),
+                            check_meta=lambda meta: _check_meta(meta, config, ckpt.directory))
   finally:
     ckpt.close()
   if restored is None:
