@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import numpy as np
+
+from semiseg import io
 
 GOOD = 'good'
 MANIFEST = 'split.json'
@@ -72,9 +73,5 @@ def load_or_create_manifest(workdir: str | None, test_defect_types: list[str],
       raise ValueError(f'{path}: {len(missing)} file(s) of the saved split are not in the dataset '
                        f'(e.g. {missing[0]!r}); the data changed. Use another workdir or delete it.')
     return manifest
-  os.makedirs(workdir, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.split.', suffix='.json', dir=workdir)
-  with os.fdopen(fd, 'w') as f:
-    json.dump(fresh, f, indent=1)
-  os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+  io.write_json_atomic(path, fresh)  # a concurrent reader sees no file or the whole one
   return fresh
