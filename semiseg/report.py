@@ -412,7 +412,7 @@ def overlay_image(image_HxWx3: np.ndarray, score_HxW: np.ndarray, pred_HxW: np.n
   alpha = (0.15 + 0.55 * s)[..., None]  # low scores keep the image visible, high ones show the heat
   out = (1 - alpha) * image + alpha * colormaps['jet'](s)[..., :3]
   width = max(1, f // 2)
-  for m, color in ((mask_HxW, (0.0, 1.0, 0.0)), (pred_HxW, (1.0, 0.0, 0.0))):
+  for m, color in ((pred_HxW, (1.0, 0.0, 0.0)), (mask_HxW, (0.0, 1.0, 0.0))):  # ground truth on top
     if m is not None and m.any():
       edge = find_boundaries(up(m.astype(bool)), mode='inner')
       if width > 1:
@@ -439,7 +439,7 @@ def figure6(path: str, images: np.ndarray, masks: np.ndarray, reconstruction: np
     diff /= np.maximum(diff.reshape(n, -1).max(1), 1e-6)[:, None, None]
     cols += [('AE reconstruction', reconstruction, None), ('difference', diff, 'inferno')]
   cols.append(('ground truth', masks, 'gray'))
-  cols += [(PAPER_NAME.get(m, m), p, 'gray') for m, p in predictions.items()]
+  cols += [(PAPER_NAME.get(m, m).replace('^', ''), p, 'gray') for m, p in predictions.items()]
   fig, axes = plt.subplots(n, len(cols), figsize=(1.7 * len(cols), 1.8 * n + 0.3), squeeze=False)
   for j, (title, arrays, cmap) in enumerate(cols):
     for i in range(n):
@@ -486,6 +486,8 @@ GRID_KEYS = ('categories', 'methods', 'seeds', 'ablations', 'overlay_category', 
 DATASET_CONFIG = {'synthetic_defects': 'configs.synthetic', 'mvtec_ad': 'configs.mvtec', 'folder': 'configs.folder'}
 # Run config keys that do not change a cell's result (paths, logging, checkpoint cadence).
 _NOT_FINGERPRINTED = ('ae_workdir', 'data.root', 'data.data_dir', 'data.prefetch', 'log_every_steps', 'ckpt')
+# Config groups read by some methods only: a change there does not make the other cells stale.
+_METHOD_GROUPS = {'pca': ('pca',), 'anogan': ('anogan',), 'consistency': ('pi_model', 'mean_teacher')}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -594,12 +596,17 @@ def cell_config(config, cell: Cell, root: str) -> config_dict.ConfigDict:
     raise ValueError(f'unknown variant {cell.variant!r}')
   if cell.method == 'ae_unet':
     c.ae_workdir = Cell(cell.dataset, cell.category, cell.seed, 'ae').workdir(root)
+  if cell.method == 'ae':  # exactly the AE that ae_unet expects (ae_num_train_steps, ae_batch_size)
+    from semiseg import train
+    c = train.ae_config_for(c)
   return c
 
 
 def fingerprint(config) -> str:
+  """A hash of what decides a cell's result (paths, logging and other methods' groups left out)."""
   d = json.loads(config.to_json_best_effort())
-  for key in _NOT_FINGERPRINTED:
+  ignored = _NOT_FINGERPRINTED + tuple(g for g, users in _METHOD_GROUPS.items() if config.method not in users)
+  for key in ignored:
     node = d
     *parents, leaf = key.split('.')
     for p in parents:
@@ -734,14 +741,14 @@ def _reproduce_locked(config, root: str, progress: bool) -> ReproduceResult:
   return write_report(config, root, cells, run, done, failed, skipped_methods, overlay_category)
 
 
-def collect(root: str, cells: list[Cell]) -> tuple[list[dict], list[dict], dict[str, dict]]:
-  """(results rows, timing rows, counts per category) from the cells' eval.json files."""
+def collect(config, root: str, cells: list[Cell]) -> tuple[list[dict], list[dict], dict[str, dict]]:
+  """(results rows, timing rows, counts per category) from the eval.json files of the cells finished
+  with this config (a stale eval.json of another config is left out)."""
   rows, timing, counts = [], [], {}
   for c in cells:
-    path = os.path.join(c.workdir(root), 'eval.json')
-    if not os.path.exists(path):
+    ev = finished_eval(c.workdir(root), fingerprint(cell_config(config, c, root)))
+    if ev is None:
       continue
-    ev = io.read_json(path)
     rows += rows_from_eval(ev, c.dataset, c.category, c.method, c.variant, c.seed)
     timing.append(timing_from_eval(ev, c.dataset, c.category, c.method, c.variant, c.seed))
     counts.setdefault(c.category, {'unlabeled': ev['num_unlabeled_images'], 'labeled': ev['num_labeled_images'],
@@ -783,7 +790,7 @@ def write_figures(root: str, cells: list[Cell]) -> dict[str, str]:
 def write_report(config, root: str, cells: list[Cell], run: list[str], done: list[str],
                  failed: list[tuple[str, str]], skipped_methods: list[str],
                  overlay_category: str) -> ReproduceResult:
-  rows, timing, counts = collect(root, cells)
+  rows, timing, counts = collect(config, root, cells)
   path = os.path.join(root, 'report.md')
   if not _is_main():
     return ReproduceResult(rows, timing, path, run, done, failed, skipped_methods)

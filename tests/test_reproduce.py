@@ -115,3 +115,15 @@ def test_cell_config_sets_category_fields_and_variants(tmp_path):
   assert not brick.augment.enabled and brick.seed == 1 and brick.data.split_seed == config.data.split_seed
   assert washer.model.unet_input == 'diff' and washer.ae_workdir == str(tmp_path / 'washer' / 'seed1' / 'ae')
   assert 'methods' not in washer
+  config.ae_num_train_steps = 7
+  ae = report.cell_config(config, report.Cell('synthetic_defects', 'washer', 0, 'ae'), str(tmp_path))
+  assert ae.method == 'ae' and ae.num_train_steps == 7  # the AE ae_unet reuses
+
+
+def test_fingerprint_ignores_other_methods_groups(tmp_path):
+  config = smoke_config()
+  cell = lambda m: report.cell_config(config, report.Cell('synthetic_defects', 'washer', 0, m), str(tmp_path))
+  before = {m: report.fingerprint(cell(m)) for m in ('unet', 'pi_model')}
+  config.consistency.weight = 3.0
+  assert report.fingerprint(cell('unet')) == before['unet']
+  assert report.fingerprint(cell('pi_model')) != before['pi_model']
