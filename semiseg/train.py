@@ -73,11 +73,6 @@ def schedule(config, num_unlabeled: int) -> tuple[int, int]:
   return steps_per_epoch, total
 
 
-def primary_stream(config) -> str:
-  """Whether a method trains primarily on unlabeled ('ae', 'pca', 'anogan') or labeled images."""
-  return 'unlabeled' if config.method in ('ae', 'pca', 'anogan') else 'labeled'
-
-
 def validate_config(config) -> None:
   """Values that cannot work, reported with the key and the fix before anything is built."""
   if config.batch_size <= 0:
@@ -111,15 +106,10 @@ def build(config, workdir: str | None, mesh=None, data: pipeline.CategoryData | 
   if data is None:  # process 0 prepares the dataset and writes split.json; the others then read them
     data = sharding.main_process_first(lambda: pipeline.load_category(config.data, workdir),
                                        'semiseg.load_category')
-  primary = primary_stream(config)
   steps_per_epoch, total = schedule(config, len(data.unlabeled))
   ctx = base.MethodContext(image_size=config.data.image_size, texture=data.texture,
                            steps_per_epoch=steps_per_epoch, workdir=workdir, data=data)
-  method = create_method(config, ctx)
-  if method.streams[0] != primary:
-    raise AssertionError(f'{config.method}: primary stream {method.streams[0]} != {primary}')
-  for stream, size in stream_batch_sizes(config, method.streams).items():
-    key = 'config.batch_size' if stream == primary else 'config.unlabeled_batch_size'
+XX
     sharding.check_batch_size(size, mesh, key)
     if len(getattr(data, stream)) == 0:
       raise ValueError(f'The {stream} split of {config.data.name}/{config.data.category} is empty; '
