@@ -109,7 +109,9 @@ def build(config, workdir: str | None, mesh=None, data: pipeline.CategoryData | 
   steps_per_epoch, total = schedule(config, len(data.unlabeled))
   ctx = base.MethodContext(image_size=config.data.image_size, texture=data.texture,
                            steps_per_epoch=steps_per_epoch, workdir=workdir, data=data)
-XX
+  method = create_method(config, ctx)
+  for stream, size in stream_batch_sizes(config, method.streams).items():
+    key = 'config.batch_size' if stream == method.streams[0] else 'config.unlabeled_batch_size'
     sharding.check_batch_size(size, mesh, key)
     if len(getattr(data, stream)) == 0:
       raise ValueError(f'The {stream} split of {config.data.name}/{config.data.category} is empty; '
