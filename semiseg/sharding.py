@@ -41,19 +41,67 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
   return several
 
 
+_barrier_count = 0
+
+
+def _client():
+  from jax._src import distributed  # the client jax.distributed.initialize made; Orbax uses it too
+  return distributed.global_state.client
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> str:
+  """Every process waits here for the others (no-op with one process); returns the barrier's id.
+
+  The coordination service's barrier, not a device collective: CPU (gloo) collectives give up when
+  processes arrive more than 30 s apart, and a dataset build on process 0 can take minutes.
+  """
+  global _barrier_count
+  _barrier_count += 1  # every process calls barriers in the same order, so the ids agree
+  barrier_id = f'semiseg:{name}:{_barrier_count}'
+  if jax.process_count() == 1:
+    return barrier_id
+  if _client() is None:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(barrier_id)
+  else:
+    _client().wait_at_barrier(barrier_id, int(timeout_s * 1000))
+  return barrier_id
+
+
 def main_process_first(fn: Callable[[], T], name: str) -> T:
-  """``fn()`` on process 0, a barrier, then ``fn()`` on the other processes.
+  """``fn()`` on process 0, then on the other processes, then everyone continues together.
 
   For one-time work on shared files that every process then reads: TFDS dataset preparation and
-  ``split.json``. Without it, processes on one file system race on the same files. ``name`` labels
-  the barrier (every process must pass the same one).
+  ``split.json``. Without it, processes on one file system race on the same files. When ``fn`` fails
+  on process 0, the others stop with an error that points to it instead of waiting. The last barrier
+  keeps the processes in step, so their first collective does not wait for a slow reader.
   """
   if jax.process_count() == 1:
     return fn()
-  from jax.experimental import multihost_utils
-  out = fn() if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices(name)
-  return fn() if jax.process_index() != 0 else out
+  client, failed_key = _client(), f'semiseg:{name}:failed:{_barrier_count + 1}'
+  out, error = None, None
+  if jax.process_index() == 0:
+    try:
+      out = fn()
+    except Exception as e:  # told to the others, then raised here
+      error = e
+      if client is not None:
+        client.key_value_set(failed_key, f'{type(e).__name__}: {e}'.splitlines()[0][:500])
+  barrier(f'{name}:main_done')
+  if error is not None:
+    raise error
+  if jax.process_index() != 0:
+    message = None
+    if client is not None:
+      try:
+        message = client.key_value_try_get(failed_key)
+      except Exception:  # not set: process 0 succeeded
+        message = None
+    if message:
+      raise RuntimeError(f'Process 0 failed in {name} ({message}); see its log.')
+    out = fn()
+  barrier(f'{name}:all_done')
+  return out
 
 
 def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -88,6 +136,18 @@ def to_global(local_batch: Any, mesh: Mesh) -> Any:
     global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
   return jax.tree.map(one, local_batch)
+
+
+def from_full_array(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A host array every process holds whole -> one global array (e.g. all images of a split).
+
+  Rows are split on ``data`` when their count divides by the device count (each process gives its
+  own rows), else the array is replicated.
+  """
+  if len(x) % mesh.devices.size == 0:
+    n = len(x) // jax.process_count()
+    return to_global(x[jax.process_index() * n:(jax.process_index() + 1) * n], mesh)
+  return jax.make_array_from_process_local_data(replicated(mesh), x, x.shape)
 
 
 def create_sharded_state(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh) -> Any:
