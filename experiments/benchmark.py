@@ -5,7 +5,7 @@ Usage:
   python -m experiments.benchmark --out /tmp/bench.json
   python -m experiments.benchmark --what=train,infer --shapes=cpu --repeats=7
 
-``--what``: train, infer, augment, input or all. ``--shapes``: cpu (configs/synthetic.py's default:
+``--what``: train, infer, augment, input or all (inference runs at the last of ``--shapes``). ``--shapes``: cpu (configs/synthetic.py's default:
 64 px, U-Net 16 features depth 3, AE (16, 32, 64, 64) latent 100, batch 8) and/or paper (256 px,
 64 features depth 4, AE (32, 64, 128, 256, 256) latent 500; batch 2 on a CPU, 16 on an accelerator).
 Prints a Markdown table; ``--out`` writes the records as JSON. Ratios are semiseg / reference
@@ -65,7 +65,8 @@ def main(argv):
   peak = timing.gemm_peak_gflops(torch_module=torch.module, torch_device=torch.device)
   logging.info('fp32 GEMM peak %.0f GFLOP/s', peak)
   records = []
-  for setting in settings(FLAGS.shapes, platform):
+  all_settings = settings(FLAGS.shapes, platform)
+  for setting in all_settings:
     unet_steps_per_s = None
     if 'train' in what or 'input' in what:
       methods = suite.TRAIN_METHODS if 'train' in what else ('unet',)
@@ -74,7 +75,7 @@ def main(argv):
       unet_steps_per_s = next(r.semiseg_per_s for r in train if r.workload == 'train unet')
       if 'train' in what:
         records += train
-    if 'infer' in what:
+    if 'infer' in what and setting is all_settings[-1]:  # the largest shapes asked for
       logging.info('inference at %s', setting.name)
       records += suite.bench_infer(setting, torch, peak)
     if 'input' in what:

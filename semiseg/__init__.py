@@ -5,10 +5,12 @@ the user already set, with any value, is left as the user set it:
 
   --xla_cpu_experimental_ynn_fusion_type=-individual_convolution
       XLA:CPU (jaxlib 0.10) hands every convolution to YNNPACK by default. YNNPACK's forward
-      convolution is fine, but the weight gradient of a 3x3 convolution (a convolution with an HxW
-      "kernel" over the batch) runs at half the speed of XLA's own Eigen convolution, and the U-Net's
-      train step spends most of its time there: with this flag the 128 px / 16-feature / batch 8 U-Net
-      step takes ~0.55x the time and the 256 px / 64-feature one ~0.4x (experiments/benchmark.py).
+      convolution is fine, but its weight gradient of a 3x3 convolution (a convolution with an HxW
+      "kernel" over the batch) is about half the speed of XLA's own Eigen convolution, and that is
+      where a U-Net train step spends its time. Measured on a 2-core CPU (side by side, noisy shared
+      machine): that weight gradient at 256 px, 2 x 64 -> 64 channels 732 -> 356 ms; the U-Net step
+      (6 -> 1 channels, Adam) at 128 px, 16 features, batch 8 0.80 -> 0.58 s; at 256 px, 64 features,
+      batch 2 ~34 s (the issue's figure) -> ~16 s (experiments/benchmark.py has the current figures).
       Same math (fp32, no reduced precision); only which library computes the convolution changes.
       CPU-only: GPU and TPU compilers ignore it.
 
