@@ -63,7 +63,12 @@ def _unknown_override_message(flag, argument) -> str | None:
 
 
 def start() -> None:
-  """Multi-host start when asked for, logging, one line of process/devices."""
+  """Multi-host start when asked for, logging, one line of process/devices.
+
+  Several processes (one per host, or one per GPU) start with ``--coordinator_address=host0:port
+  --num_processes=N --process_id=i``, or with ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+  ``JAX_PROCESS_ID``, or under SLURM / Open MPI with nothing added (``semiseg.sharding``).
+  """
   from semiseg import sharding
   sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   import jax
@@ -72,7 +77,10 @@ def start() -> None:
   if cache and cache.lower() not in ('0', 'off', 'none'):
     jax.config.update('jax_compilation_cache_dir', cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+  # Only process 0 logs progress; the others report warnings and errors.
+  level = logging.INFO if jax.process_index() == 0 else logging.WARNING
+  logging.basicConfig(level=level, format=f'%(asctime)s p{jax.process_index()} %(levelname)s %(name)s: %(message)s')
+  logging.getLogger().setLevel(level)  # also when absl installed its handler first
   logging.getLogger('absl').setLevel(logging.WARNING)
   for noisy in ('orbax', 'orbax.checkpoint', 'jax._src', 'absl'):
     logging.getLogger(noisy).setLevel(logging.WARNING)

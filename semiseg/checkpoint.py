@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from semiseg import sharding
+
 log = logging.getLogger(__name__)
 
 DIGEST_KEY = 'state_sha256'  # meta field: hash of the state's leaves at save time
@@ -141,9 +143,7 @@ class Checkpointer:
           target, n = os.path.join(aside, f'{step}.{n}'), n + 1
         shutil.move(os.path.join(self.directory, str(step)), target)
         log.warning('Moved the unreadable checkpoint %s/%d to %s.', self.directory, step, target)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices('semiseg.checkpoint.set_aside_failed')
+    sharding.barrier('checkpoint.set_aside_failed')  # the others reload after process 0 moved them
     self.failed_steps = []
     self.manager.reload()
 

@@ -1,0 +1,125 @@
+"""The data-parallel mesh: every method's step on 4 fake devices equals one device; multi-host start; bf16."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from semiseg import sharding
+from semiseg.methods import REGISTRY
+from tests import multihost_worker
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'multihost_worker.py')
+CLUSTER_VARS = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID', 'SLURM_NTASKS',
+                'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES')
+
+
+def run_worker(args: list[str], out: str, timeout: float = 600) -> dict:
+  """Runs tests/multihost_worker.py in a fresh interpreter (its own XLA_FLAGS) and reads its JSON."""
+  proc = subprocess.run([sys.executable, WORKER, *args, '--out', out], capture_output=True, text=True,
+                        timeout=timeout, cwd=os.path.dirname(os.path.dirname(WORKER)))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(out) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope='module')
+def four_devices(tmp_path_factory):
+  """Two steps of every registry method with a train step, on 4 fake devices and on 1, in one child."""
+  return run_worker(['steps', '--devices', '4', '--size', '16', '--batch', '8', '--num_steps', '2'],
+                    str(tmp_path_factory.mktemp('steps') / 'steps.json'))
+
+
+@pytest.mark.parametrize('name', sorted(REGISTRY))
+def test_step_on_four_devices_equals_one_device(four_devices, name):
+  assert four_devices['device_count'] == 4
+  if name not in four_devices['methods']:
+    pytest.skip(f'{name} is closed-form (no train_step)')
+  r = four_devices['methods'][name]
+  assert r['spec'] == "P('data',)" and r['shard_shapes'] == [[2, 16, 16, 3]], r  # 8 rows over 4 devices
+  assert r['state_replicated'] and r['step'] == 2
+  np.testing.assert_allclose(r['loss_full'], r['loss_one'], rtol=2e-5, atol=1e-6)
+  assert all(np.isfinite(r['loss_full']))
+  # Same global batch, same math; only the order of the cross-device sum differs.
+  assert r['max_param_diff'] <= 1e-5 * max(1.0, r['max_param_abs']), r
+
+
+def test_batch_that_does_not_divide_names_the_numbers():
+  mesh = types.SimpleNamespace(devices=np.empty(4, object))
+  sharding.check_batch_size(8, mesh)
+  with pytest.raises(ValueError, match=r'config.batch_size=6 does not divide by the 4 devices.*'
+                                       r'config.batch_size=8 or 4'):
+    sharding.check_batch_size(6, mesh)
+  with pytest.raises(ValueError, match=r'config.unlabeled_batch_size=3 .* e.g. config.unlabeled_batch_size=4\.'):
+    sharding.check_batch_size(3, mesh, 'config.unlabeled_batch_size')
+
+
+def test_one_device_mesh_places_state_and_batch():
+  mesh = sharding.create_mesh()
+  assert mesh.axis_names == ('data',) and mesh.devices.size == jax.device_count()
+  state = sharding.create_sharded_state(lambda k: {'w': jax.random.normal(k, (3,))}, jax.random.PRNGKey(0), mesh)
+  assert state['w'].sharding.is_equivalent_to(sharding.replicated(mesh), 1)
+  batch = sharding.to_global({'image': np.zeros((4, 2, 2, 3), np.uint8)}, mesh)
+  assert batch['image'].shape == (4, 2, 2, 3) and batch['image'].sharding.spec == jax.sharding.PartitionSpec('data')
+  abstract = sharding.abstract_state(lambda k: {'w': jax.random.normal(k, (3,))}, jax.random.PRNGKey(0), mesh)
+  assert abstract['w'].shape == (3,) and abstract['w'].sharding == sharding.replicated(mesh)
+  odd = sharding.from_full_array(np.arange(5 * jax.device_count() + 1), mesh)
+  np.testing.assert_array_equal(np.asarray(odd), np.arange(5 * jax.device_count() + 1))
+  assert sharding.main_process_first(lambda: 7, 'test') == 7
+
+
+@pytest.fixture
+def initialize_calls(monkeypatch):
+  """Records jax.distributed.initialize calls instead of starting a cluster."""
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *a, **k: calls.append(a))
+  for var in CLUSTER_VARS:
+    monkeypatch.delenv(var, raising=False)
+  return calls
+
+
+def test_multihost_start_from_flags_and_environment(initialize_calls, monkeypatch):
+  assert not sharding.maybe_initialize_distributed() and initialize_calls == []
+  monkeypatch.setenv('SLURM_NTASKS', '1')  # a one-task SLURM job is one process: nothing to start
+  assert not sharding.maybe_initialize_distributed()
+  assert sharding.maybe_initialize_distributed('10.0.0.1:1234', 2, 1)
+  assert initialize_calls[-1] == ('10.0.0.1:1234', 2, 1)
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', 'h0:99')
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '4')
+  monkeypatch.setenv('JAX_PROCESS_ID', '3')
+  assert sharding.maybe_initialize_distributed()
+  assert initialize_calls[-1] == ('h0:99', 4, 3)
+  for var in CLUSTER_VARS:
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setenv('SLURM_NTASKS', '8')  # JAX reads the rest from SLURM itself
+  assert sharding.maybe_initialize_distributed()
+  assert initialize_calls[-1] == () and len(initialize_calls) == 3
+  with pytest.raises(ValueError, match='--coordinator_address, --num_processes and --process_id'):
+    sharding.maybe_initialize_distributed('10.0.0.1:1234', None, None)
+
+
+@pytest.mark.parametrize('name', ['unet', 'ae_unet'])
+def test_bfloat16_step_keeps_float32_params_and_loss(name):
+  batch_np = multihost_worker.fixed_batch(('labeled',), 16, 4)
+  batch = jax.tree.map(jax.numpy.asarray, batch_np)
+  losses = {}
+  for dtype in ('float32', 'bfloat16'):
+    method, _ = multihost_worker.create_step_method(name, size=16, batch=4, dtype=dtype)
+    state = method.init(jax.random.PRNGKey(0))
+    if method.extras is not None:
+      state = state.replace(extras=method.extras)
+    new, metrics = jax.jit(method.train_step)(state, batch)
+    assert metrics['loss'].dtype == jax.numpy.float32 and np.isfinite(float(metrics['loss']))
+    assert {x.dtype for x in jax.tree.leaves(new.params)} == {np.dtype('float32')}
+    assert any(bool(jax.numpy.any(a != b)) for a, b in zip(jax.tree.leaves(state.params),
+                                                           jax.tree.leaves(new.params)))
+    losses[dtype] = float(metrics['loss'])
+  # Same initial parameters and batch: bf16 activations move the loss by well under 5%.
+  assert losses['bfloat16'] == pytest.approx(losses['float32'], rel=5e-2)
