@@ -10,7 +10,7 @@ the user already set, with any value, is left as the user set it:
       where a U-Net train step spends its time. Measured on a 2-core CPU (side by side, noisy shared
       machine): that weight gradient at 256 px, 2 x 64 -> 64 channels 732 -> 356 ms; the U-Net step
       (6 -> 1 channels, Adam) at 128 px, 16 features, batch 8 0.80 -> 0.58 s; at 256 px, 64 features,
-      batch 2 ~34 s (the issue's figure) -> ~16 s (experiments/benchmark.py has the current figures).
+      batch 2 17.7 -> 8.6 s (experiments/benchmark.py has the current figures).
       Same math (fp32, no reduced precision); only which library computes the convolution changes.
       CPU-only: GPU and TPU compilers ignore it.
 
