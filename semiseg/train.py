@@ -197,6 +197,10 @@ def _train_locked(config, workdir, mesh, data, progress) -> TrainResult:
       ckpt.wait()
       return TrainResult(method, state, data, ctx, mesh, step, resumed)
 
+    if step > total:
+      raise ValueError(f'{ckpt.directory} holds a checkpoint at step {step}, past this config\'s '
+                       f'{total} training steps: it was trained longer than asked. Use another --workdir '
+                       f'or set config.num_train_steps={step}.')
     if step < total:
       state = _loop(method, config, workdir, ckpt, mesh, data, state, step, total, progress)
     elif ckpt.latest_step() is None:  # zero steps asked for: still leave a checkpoint

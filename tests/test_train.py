@@ -73,3 +73,9 @@ def test_values_that_cannot_work_name_the_key(tmp_path, key, value, match):
   (config[parent] if parent else config)[leaf] = value
   with pytest.raises(ValueError, match=match):
     train.train(config, str(tmp_path), progress=False)
+
+
+def test_a_checkpoint_past_the_asked_steps_is_refused(tmp_path):
+  train.train(unet_config(4), str(tmp_path), progress=False)
+  with pytest.raises(ValueError, match='past this config'):
+    train.train(unet_config(2), str(tmp_path), progress=False)
