@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from configs import synthetic
-from semiseg import checkpoint, io, sharding, train
+from semiseg import io, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARG = 'washer,smoke,method=unet,num_train_steps=40'  # 32 px, tiny U-Net

@@ -9,7 +9,7 @@ import pytest
 
 from configs import synthetic
 from semiseg import augment
-from semiseg.methods import anogan, base, create_method, mean_teacher, pca, pi_model
+from semiseg.methods import anogan, base, create_method, pi_model
 from tests.methods.test_steps import SIZE, fixed_batch
 
 
