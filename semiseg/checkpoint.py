@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
+import sys
 import shutil
 from typing import Any, Callable
 
@@ -46,6 +48,20 @@ def state_digest(state: Any) -> str | None:
     h.update(f'{path}:{leaf.shape}:{leaf.dtype.str};'.encode())
     h.update(leaf.tobytes())
   return h.hexdigest()
+
+
+def _collect_abandoned_reads() -> None:
+  """Finalizes the read coroutines a failed Orbax restore leaves behind, now and quietly.
+
+  Each would otherwise print its TensorStore error again as "Exception ignored in <coroutine ...>"
+  when collected, often at interpreter exit; the failure is already reported by our warning.
+  """
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: log.debug('Abandoned checkpoint read: %s', unraisable.exc_value)
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = previous
 
 
 class Checkpointer:
@@ -125,6 +141,7 @@ class Checkpointer:
     return None
 
   def _warn(self, step: int, e: Exception) -> None:
+    _collect_abandoned_reads()
     log.warning('Checkpoint %s/%d could not be restored (%s: %s); trying an older one.',
                 self.directory, step, type(e).__name__, str(e).splitlines()[0] if str(e) else '')
 
