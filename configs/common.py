@@ -71,6 +71,20 @@ def apply_pairs(config: config_dict.ConfigDict, pairs: dict[str, str], where: st
     node[leaf] = value
 
 
+def select_category(c: config_dict.ConfigDict, words: list[str], categories: tuple[str, ...],
+                    textures: tuple[str, ...], other_words: tuple[str, ...], where: str) -> None:
+  """Sets the category named among the arg words, its texture flag and border; rejects unknown words."""
+  unknown = [w for w in words if w not in categories + other_words]
+  if unknown:
+    raise ValueError(f'{where}: unknown arg word(s) {unknown}; use a category of {categories} or one of '
+                     f'{other_words}.')
+  for w in words:
+    if w in categories:
+      c.data.category = w
+  c.data.texture = c.data.category in textures
+  c.augment.border = 'reflect' if c.data.texture else 'constant'
+
+
 def get_base_config() -> config_dict.ConfigDict:
   """The paper's settings (section 4.2); dataset files override data fields and sizes."""
   c = config_dict.ConfigDict()

@@ -17,15 +17,8 @@ def get_config(arg: str | None = None):
   c = common.get_base_config()
   c.data.name = 'mvtec_ad'
   c.data.category = 'bottle'
-  unknown = [w for w in words if w not in common.MVTEC_CATEGORIES + ('smoke',)]
-  if unknown:
-    raise ValueError(f'configs/mvtec.py: unknown arg word(s) {unknown}; use one of '
-                     f'{common.MVTEC_CATEGORIES} or smoke.')
-  for w in words:
-    if w in common.MVTEC_CATEGORIES:
-      c.data.category = w
-  c.data.texture = c.data.category in common.MVTEC_TEXTURES
-  c.augment.border = 'reflect' if c.data.texture else 'constant'
+  common.select_category(c, words, common.MVTEC_CATEGORIES, common.MVTEC_TEXTURES, ('smoke',),
+                         'configs/mvtec.py')
   c.augment.flip_x = c.augment.flip_y = c.data.category in common.MVTEC_FLIP_OK
   c.ae_num_train_steps = None
   if 'smoke' in words:

@@ -17,15 +17,8 @@ def get_config(arg: str | None = None):
   c = common.get_base_config()
   c.data.name = 'synthetic_defects'
   c.data.category = 'brick'
-  unknown = [w for w in words if w not in common.SYNTHETIC_CATEGORIES + ('smoke', 'paper')]
-  if unknown:
-    raise ValueError(f'configs/synthetic.py: unknown arg word(s) {unknown}; use a category of '
-                     f'{common.SYNTHETIC_CATEGORIES}, smoke or paper.')
-  for w in words:
-    if w in common.SYNTHETIC_CATEGORIES:
-      c.data.category = w
-  c.data.texture = c.data.category in common.SYNTHETIC_TEXTURES
-  c.augment.border = 'reflect' if c.data.texture else 'constant'
+  common.select_category(c, words, common.SYNTHETIC_CATEGORIES, common.SYNTHETIC_TEXTURES,
+                         ('smoke', 'paper'), 'configs/synthetic.py')
   if 'paper' not in words:
     common.cpu(c)
     c.num_train_steps = 600  # ~1 min per method on 2 cores; the U-Net learns the defects by ~250
