@@ -9,12 +9,50 @@ import jax
 import jax.numpy as jnp
 
 
+class UpConv4x4(nn.Module):
+  """``nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding='SAME')``, computed as one 3x3 conv.
+
+  A stride-2 transposed convolution gives each output phase (row parity, column parity) its own 2x2
+  sub-kernel over a 3x3 input neighbourhood. So it equals a 3x3 'SAME' convolution to 4x the channels
+  (each phase's taps placed in the 3x3 window, zeros elsewhere) followed by depth-to-space. Same
+  parameters (a 4x4 kernel and a bias, Flax's names and initializers), same function; on XLA:CPU the
+  gradient of the lhs-dilated transposed convolution was ~20x slower than this plain convolution's.
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
+    b, h, w, c = x_BxHxWxC.shape
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (4, 4, c, self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    # lax.conv_transpose's SAME padding for k=4, s=2 puts pad_a=2 before the dilated input, so output
+    # row 2m+a reads input row m+d through tap k where d = (a + k - 2) / 2 is an integer in {-1, 0, 1}.
+    rows = [[None] * 3 for _ in range(2)]
+    for a in range(2):
+      for k in range(4):
+        if (a + k - 2) % 2 == 0:
+          rows[a][(a + k - 2) // 2 + 1] = k
+    zeros = jnp.zeros((c, self.features), jnp.float32)
+    window = jnp.stack([  # [3, 3, C, 2, 2, F]: window offset (dy, dx) -> phase (a, b)
+        jnp.stack([
+            jnp.stack([jnp.stack([kernel[rows[a][dy], rows[bb][dx]]
+                                  if rows[a][dy] is not None and rows[bb][dx] is not None else zeros
+                                  for bb in range(2)], axis=-2) for a in range(2)], axis=-3)
+            for dx in range(3)]) for dy in range(3)])
+    window = window.reshape(3, 3, c, 4 * self.features).astype(self.dtype)
+    y = jax.lax.conv_general_dilated(x_BxHxWxC.astype(self.dtype), window, (1, 1), 'SAME',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(b, 2 * h, 2 * w, self.features) + bias.astype(y.dtype)
+
+
 class ConvAutoencoder(nn.Module):
   """Strided-conv encoder -> Dense(latent_dim) -> mirrored decoder; output in [0, 1].
 
   Each entry of ``features`` is one encoder level: a 4x4 stride-2 convolution (halving H and W)
   followed by a 3x3 convolution, LeakyReLU after each. The decoder mirrors it with 4x4 stride-2
-  transposed convolutions, and a final 3x3 convolution + sigmoid gives the reconstruction.
+  transposed convolutions (``UpConv4x4``), and a final 3x3 convolution + sigmoid gives the reconstruction.
   """
   features: Sequence[int] = (32, 64, 128, 256, 256)
   latent_dim: int = 500
@@ -25,7 +63,7 @@ class ConvAutoencoder(nn.Module):
     self.down = [(nn.Conv(f, (4, 4), strides=(2, 2), padding='SAME', dtype=self.dtype),
                   nn.Conv(f, (3, 3), padding='SAME', dtype=self.dtype)) for f in self.features]
     self.to_latent = nn.Dense(self.latent_dim, dtype=self.dtype)
-    self.up = [(nn.ConvTranspose(f, (4, 4), strides=(2, 2), padding='SAME', dtype=self.dtype),
+    self.up = [(UpConv4x4(f, dtype=self.dtype),
                 nn.Conv(f, (3, 3), padding='SAME', dtype=self.dtype))
                for f in list(reversed(self.features))[1:] + [self.features[0]]]
     self.head = nn.Conv(self.out_channels, (3, 3), padding='SAME', dtype=self.dtype)

@@ -60,3 +60,23 @@ def test_ssim_matches_skimage():
                                  use_sample_covariance=False, full=True)
   ours = np.asarray(ssim_map(jnp.asarray(a)[None, :, :, None], jnp.asarray(b)[None, :, :, None]))[0, :, :, 0]
   np.testing.assert_allclose(ours, ref[5:-5, 5:-5], atol=1e-4)
+
+
+def test_autoencoder_upconv_equals_conv_transpose_with_the_same_init():
+  from semiseg.models.autoencoder import UpConv4x4
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 7, 6))
+  ours, ref = UpConv4x4(4), nn.ConvTranspose(4, (4, 4), strides=(2, 2), padding='SAME')
+  p, p_ref = ours.init(jax.random.PRNGKey(1), x), ref.init(jax.random.PRNGKey(1), x)
+  for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref)):
+    np.testing.assert_array_equal(a, b)  # same names, shapes, initializers: old checkpoints still load
+  p = jax.tree.map(lambda a: jax.random.normal(jax.random.PRNGKey(2), a.shape), p)
+  np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), atol=1e-5)
+  g = jax.grad(lambda q: (ours.apply(q, x) ** 2).sum())(p)
+  g_ref = jax.grad(lambda q: (ref.apply(q, x) ** 2).sum())(p)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_autoencoder_parameter_count_at_the_papers_settings():
+  params = jax.eval_shape(ConvAutoencoder().init, jax.random.PRNGKey(0), jnp.zeros((1, 256, 256, 3)))
+  assert sum(x.size for x in jax.tree.leaves(params)) == 22_061_335
