@@ -51,7 +51,7 @@ def prediction_config(config, workdir: str) -> config_dict.ConfigDict:
   """``config`` with ``ae_workdir`` pointing at the trained AE, so that prediction never trains one:
   the one recorded in the workdir's run_info.json, else ``<workdir>/ae``."""
   c = config_dict.ConfigDict(config.to_dict(), type_safe=False)
-  if c.method == 'ae_unet' and not c.get('ae_workdir'):
+  if not c.get('ae_workdir'):  # only ae_unet reads it; the others ignore it
     recorded = None
     path = os.path.join(workdir, 'run_info.json')
     if os.path.exists(path):

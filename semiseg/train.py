@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from semiseg import checkpoint, io, sharding
 from semiseg.data import pipeline
-from semiseg.methods import base, create_method
+from semiseg.methods import base, create_method, validate_method
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +87,7 @@ def validate_config(config) -> None:
     raise ValueError(f'config.data.k_labeled must be at least 1, got {config.data.k_labeled}.')
   if config.data.image_size <= 0:
     raise ValueError(f'config.data.image_size must be positive, got {config.data.image_size}.')
-  if config.method in ('unet', 'ae_unet', 'pi_model', 'mean_teacher'):
-    scale = 2 ** config.model.unet_depth
-    if config.data.image_size % scale:
-      raise ValueError(f'config.data.image_size={config.data.image_size} is not divisible by '
-                       f'2**config.model.unet_depth={scale}: use a multiple of {scale}.')
-  if config.method in ('ae', 'ae_unet'):
-    scale = 2 ** len(config.model.ae_features)
-    if config.data.image_size % scale:
-      raise ValueError(f'config.data.image_size={config.data.image_size} is not divisible by '
-                       f'2**len(config.model.ae_features)={scale}: use a multiple of {scale}.')
+  validate_method(config)  # the method's own checks, before anything (an AE, say) is trained
 
 
 def build(config, workdir: str | None, mesh=None, data: pipeline.CategoryData | None = None):

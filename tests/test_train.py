@@ -79,3 +79,14 @@ def test_a_checkpoint_past_the_asked_steps_is_refused(tmp_path):
   train.train(unet_config(4), str(tmp_path), progress=False)
   with pytest.raises(ValueError, match='past this config'):
     train.train(unet_config(2), str(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize('method,key', [('unet', 'unet_depth'), ('ae_unet', 'unet_depth'),
+                                        ('pi_model', 'unet_depth'), ('mean_teacher', 'unet_depth'),
+                                        ('ae', 'ae_features')])
+def test_each_method_checks_its_image_size_before_anything_trains(tmp_path, method, key):
+  config = synthetic.get_config(f'washer,smoke,method={method}')
+  config.data.image_size = 34  # 34 = 2 * 17: no network of depth >= 2 halves it twice
+  with pytest.raises(ValueError, match=key):
+    train.train(config, str(tmp_path), progress=False)
+  assert not os.path.exists(tmp_path / 'ae')  # ae_unet stopped before training its AE

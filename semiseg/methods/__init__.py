@@ -16,9 +16,20 @@ REGISTRY = {
 }
 
 
-def create_method(config, ctx):
-  """Builds the method named by ``config.method``."""
+def _module(config):
   if config.method not in REGISTRY:
     raise ValueError(f'config.method={config.method!r} is not a known method; choose one of '
                      f'{sorted(REGISTRY)}.')
-  return importlib.import_module(REGISTRY[config.method]).create(config, ctx)
+  return importlib.import_module(REGISTRY[config.method])
+
+
+def validate_method(config) -> None:
+  """Runs the method module's ``validate(config)`` (values its models cannot take), if it has one."""
+  validate = getattr(_module(config), 'validate', None)
+  if validate is not None:
+    validate(config)
+
+
+def create_method(config, ctx):
+  """Builds the method named by ``config.method``."""
+  return _module(config).create(config, ctx)

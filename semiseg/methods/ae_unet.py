@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 INPUTS = ('image', 'diff', 'image+diff')  # the paper's Table 4 ablation
 
 
+def validate(config) -> None:
+  unet.validate(config)
+  autoencoder.validate(config)
+
+
 def unet_input(images_BxHxWx3: jax.Array, ae_params, ae_model: ConvAutoencoder, mode: str) -> jax.Array:
   """The U-Net's input for an ablation mode; D comes from the frozen AE (no gradient reaches it)."""
   if mode == 'image':

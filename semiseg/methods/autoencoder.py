@@ -75,6 +75,11 @@ def predict(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: ConvAut
   return difference(state.params, images_BxHxWx3, model).mean(axis=-1)
 
 
+def validate(config) -> None:
+  base.check_divisible(config.data.image_size, 2 ** len(config.model.ae_features),
+                       '2**len(config.model.ae_features)')
+
+
 def create_model(config) -> ConvAutoencoder:
   return ConvAutoencoder(features=tuple(config.model.ae_features), latent_dim=config.model.latent_dim,
                          dtype=base.compute_dtype(config.model.dtype))

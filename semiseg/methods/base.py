@@ -76,6 +76,13 @@ def optimizer_from_config(config, ctx: MethodContext) -> optax.GradientTransform
                           config.optim.decay_every_epochs * ctx.steps_per_epoch)
 
 
+def check_divisible(image_size: int, scale: int, what: str) -> None:
+  """The image side must halve cleanly through a network's ``scale`` = 2**levels."""
+  if image_size % scale:
+    raise ValueError(f'config.data.image_size={image_size} is not divisible by {what}={scale}: '
+                     f'use a multiple of {scale}.')
+
+
 def compute_dtype(name: str):
   if name not in ('float32', 'bfloat16'):
     raise ValueError(f"config.model.dtype must be 'float32' or 'bfloat16', got {name!r}.")

@@ -55,6 +55,9 @@ def init(key: jax.Array, *, model: UNet, tx, image_size: int) -> base.TrainState
   return state.replace(extras={'teacher': jax.tree.map(jnp.copy, state.params)})
 
 
+validate = unet.validate  # the U-Net's size check
+
+
 def create(config, ctx: base.MethodContext) -> base.Method:
   model = unet.create_model(config)
   tx = base.optimizer_from_config(config, ctx)

@@ -87,6 +87,9 @@ def consistency_settings(config) -> tuple[float, int]:
   return float(c.weight), int(c.rampup_steps)
 
 
+validate = unet.validate  # the U-Net's size check
+
+
 def create(config, ctx: base.MethodContext) -> base.Method:
   model = unet.create_model(config)
   tx = base.optimizer_from_config(config, ctx)

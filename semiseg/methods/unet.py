@@ -14,6 +14,10 @@ from semiseg.methods import base
 from semiseg.models.unet import UNet
 
 
+def validate(config) -> None:
+  base.check_divisible(config.data.image_size, 2 ** config.model.unet_depth, '2**config.model.unet_depth')
+
+
 def create_model(config) -> UNet:
   prior = config.model.unet_prior
   if not 0.0 < prior < 1.0:
