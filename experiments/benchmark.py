@@ -5,9 +5,12 @@ Usage:
   python -m experiments.benchmark --out /tmp/bench.json
   python -m experiments.benchmark --what=train,infer --shapes=cpu --repeats=7
 
-``--what``: train, infer, augment, input or all (inference runs at the last of ``--shapes``). ``--shapes``: cpu (configs/synthetic.py's default:
-64 px, U-Net 16 features depth 3, AE (16, 32, 64, 64) latent 100, batch 8) and/or paper (256 px,
-64 features depth 4, AE (32, 64, 128, 256, 256) latent 500; batch 2 on a CPU, 16 on an accelerator).
+``--what``: train, infer, layers, augment, input or all. Inference runs at the last of ``--shapes``;
+layers times the forward, input gradient and weight gradient of each distinct 3x3 convolution of the
+U-Net on its own, side by side with PyTorch's kernels, to attribute a step's time to layers.
+``--shapes``: cpu (configs/synthetic.py's default: 64 px, U-Net 16 features depth 3, AE (16, 32, 64,
+64) latent 100, batch 8) and/or paper (256 px, 64 features depth 4, AE (32, 64, 128, 256, 256) latent
+500; batch 2 on a CPU, 16 on an accelerator).
 Prints a Markdown table; ``--out`` writes the records as JSON. Ratios are semiseg / reference
 throughput, timed side by side in this process (alternating, after warm-up, median of repeats).
 """
@@ -23,7 +26,7 @@ import semiseg  # noqa: F401  (sets the project's XLA flags before jax starts)
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-WHAT = ('train', 'infer', 'augment', 'input')
+WHAT = ('train', 'infer', 'layers', 'augment', 'input')
 flags.DEFINE_list('what', ['all'], f'Workloads: any of {WHAT} or all.')
 flags.DEFINE_list('shapes', ['cpu', 'paper'], 'Shape settings: cpu and/or paper.')
 flags.DEFINE_string('out', None, 'Write the records here as a JSON list.')
@@ -78,6 +81,9 @@ def main(argv):
     if 'infer' in what and setting is all_settings[-1]:  # the largest shapes asked for
       logging.info('inference at %s', setting.name)
       records += suite.bench_infer(setting, torch, peak)
+    if 'layers' in what:
+      logging.info('3x3 convolutions of the U-Net at %s', setting.name)
+      records += suite.bench_layers(setting, torch, peak)
     if 'input' in what:
       records += suite.bench_input(setting, unet_steps_per_s)
   if 'augment' in what:
