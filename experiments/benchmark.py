@@ -11,7 +11,8 @@ U-Net on its own, side by side with PyTorch's kernels, to attribute a step's tim
 ``--shapes``: cpu (configs/synthetic.py's default: 64 px, U-Net 16 features depth 3, AE (16, 32, 64,
 64) latent 100, batch 8) and/or paper (256 px, 64 features depth 4, AE (32, 64, 128, 256, 256) latent
 500; batch 2 on a CPU, 16 on an accelerator).
-Prints a Markdown table; ``--out`` writes the records as JSON. Ratios are semiseg / reference
+Prints a Markdown table; ``--out`` writes the records as JSON; ``--trace DIR`` also records one step
+of each train workload with jax.profiler. Ratios are semiseg / reference
 throughput, timed side by side in this process (alternating, after warm-up, median of repeats).
 """
 
@@ -30,6 +31,9 @@ WHAT = ('train', 'infer', 'layers', 'augment', 'input')
 flags.DEFINE_list('what', ['all'], f'Workloads: any of {WHAT} or all.')
 flags.DEFINE_list('shapes', ['cpu', 'paper'], 'Shape settings: cpu and/or paper.')
 flags.DEFINE_string('out', None, 'Write the records here as a JSON list.')
+flags.DEFINE_string('trace', None, 'Also write a jax.profiler trace of one step of each train workload '
+                    'under this folder (Perfetto / TensorBoard); per-op names need '
+                    'XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true on a CPU.')
 flags.DEFINE_integer('repeats', 5, 'Timed repeats at the cpu shapes (median reported).')
 flags.DEFINE_integer('paper_repeats', 3, 'Timed repeats at the paper shapes on a CPU (a step takes seconds).')
 
@@ -74,7 +78,7 @@ def main(argv):
     if 'train' in what or 'input' in what:
       methods = suite.TRAIN_METHODS if 'train' in what else ('unet',)
       logging.info('train steps at %s: %s', setting.name, setting.shapes)
-      train = suite.bench_train(setting, torch, peak, methods)
+      train = suite.bench_train(setting, torch, peak, methods, trace_dir=FLAGS.trace)
       unet_steps_per_s = next(r.semiseg_per_s for r in train if r.workload == 'train unet')
       if 'train' in what:
         records += train

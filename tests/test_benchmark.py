@@ -22,9 +22,11 @@ def test_project_xla_flags_are_in_the_environment():
     assert flag.split('=', 1)[0] in os.environ.get('XLA_FLAGS', '')
 
 
-def test_train_infer_input_augment_records(setting):
+def test_train_infer_input_augment_records(setting, tmp_path):
   torch = suite.Torch()
-  records = suite.bench_train(setting, torch, peak=1.0)
+  records = suite.bench_train(setting, torch, peak=1.0, trace_dir=str(tmp_path))
+  for name in suite.TRAIN_METHODS:  # one profiled step each
+    assert list((tmp_path / f'smoke_{name}').rglob('*.trace.json.gz')), name
   records += suite.bench_infer(setting, torch, peak=1.0, batch_sizes=(2,))
   records += suite.bench_input(setting, records[1].semiseg_per_s, steps=2)
   records += suite.bench_augment(batch_size=2, image_size=16, repeats=1)

@@ -149,8 +149,12 @@ def _gflop_rates(record: Record, flops: float | None, seconds: float | None, ref
 
 
 def bench_train(setting: Setting, torch: Torch, peak: float | None,
-                methods: tuple[str, ...] = TRAIN_METHODS) -> list[Record]:
-  """Steps/s of each method's jitted train step (augmentation included) vs the PyTorch step."""
+                methods: tuple[str, ...] = TRAIN_METHODS, trace_dir: str | None = None) -> list[Record]:
+  """Steps/s of each method's jitted train step (augmentation included) vs the PyTorch step.
+
+  ``trace_dir``: also records one semiseg step of each method with ``jax.profiler`` into
+  ``<trace_dir>/<setting>_<method>`` (open in Perfetto or TensorBoard's profile plugin).
+  """
   config = setting.config
   created = create_methods(config)
   batch = _batch(config)
@@ -173,6 +177,9 @@ def bench_train(setting: Setting, torch: Torch, peak: float | None,
                     compile_s=compile_s,
                     note=f'first step {first:.2f}s; semiseg step includes on-device augmentation')
     records.append(_gflop_rates(record, flops, t['semiseg'], t['reference'], peak))
+    if trace_dir:
+      with jax.profiler.trace(os.path.join(trace_dir, f'{setting.name}_{name}'), create_perfetto_trace=True):
+        run()
     del holder[:]
   return records
 
