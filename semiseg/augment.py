@@ -148,9 +148,8 @@ def _sample_coords(matrix_3x3: jax.Array, out_hw: tuple[int, int]) -> tuple[jax.
 
 
 def _map_index(i: jax.Array, n: int, border: str) -> jax.Array:
-  """Integer indices outside [0, n) -> the index whose value the border rule reads there."""
-  if border == 'constant':
-    return jnp.where((i < 0) | (i >= n), n, i)  # n is the zero pad row/col appended in warp
+  """Integer indices outside [0, n) -> the index whose value the border rule ('edge' or 'reflect')
+  reads there; warp reads 'constant' like 'edge' and zeroes what lies outside."""
   if border == 'edge':
     return jnp.clip(i, 0, n - 1)
   if n == 1:
@@ -179,27 +178,35 @@ def warp(image_HxWxC: jax.Array, matrix_3x3: jax.Array, out_hw: tuple[int, int],
   # the per-pixel loop, where it would be recomputed for every output value (~1.6x slower).
   matrix_3x3 = jax.lax.optimization_barrier(matrix_3x3)
   r, c = _sample_coords(matrix_3x3, out_hw)
-  # 'constant' appends a zero row and column that every outside neighbour reads: no masks needed.
-  padded = jnp.pad(image_HxWxC, ((0, 1), (0, 1), (0, 0))) if border == 'constant' else image_HxWxC
-  stride = padded.shape[1]
   # One gather of a [C] row per neighbour from the flattened image, all pixels at once.
-  flat_PxC = padded.reshape(-1, ch)
+  flat_PxC = image_HxWxC.reshape(-1, ch)
+  read_border = 'edge' if border == 'constant' else border  # 'constant': an in-range read, then x 0
 
   def gather(ri, ci):
-    idx = _map_index(ri, h, border) * stride + _map_index(ci, w, border)
+    idx = _map_index(ri, h, read_border) * w + _map_index(ci, w, read_border)
     return flat_PxC.at[idx].get(mode='promise_in_bounds')  # in range by construction: no clamp
 
+  def inside(i, n):  # 1.0 where 0 <= i < n (one unsigned compare), else 0.0
+    return (i.astype(jnp.uint32) < n).astype(jnp.float32)
+
   if order == 0:
-    out = gather(jnp.floor(r + 0.5).astype(jnp.int32), jnp.floor(c + 0.5).astype(jnp.int32))
+    ri, ci = jnp.floor(r + 0.5).astype(jnp.int32), jnp.floor(c + 0.5).astype(jnp.int32)
+    out = gather(ri, ci)
+    if border == 'constant':
+      out = jnp.where(((ri.astype(jnp.uint32) < h) & (ci.astype(jnp.uint32) < w))[:, None], out,
+                      jnp.zeros((), out.dtype))
   else:
     r0f, c0f = jnp.floor(r), jnp.floor(c)
-    fr, fc = (r - r0f)[:, None], (c - c0f)[:, None]
+    fr, fc = r - r0f, c - c0f
     r0, c0 = r0f.astype(jnp.int32), c0f.astype(jnp.int32)
-    p00, p01 = gather(r0, c0), gather(r0, c0 + 1)
-    p10, p11 = gather(r0 + 1, c0), gather(r0 + 1, c0 + 1)
-    top = p00 + fc * (p01 - p00)
-    bottom = p10 + fc * (p11 - p10)
-    out = top + fr * (bottom - top)
+    # Per-pixel weights of the four neighbours; 'constant' zeroes those outside the image in the
+    # weights (one factor per pixel, not per channel), cheaper than reading a zero-padded copy.
+    wr0, wr1, wc0, wc1 = 1.0 - fr, fr, 1.0 - fc, fc
+    if border == 'constant':
+      wr0, wr1 = wr0 * inside(r0, h), wr1 * inside(r0 + 1, h)
+      wc0, wc1 = wc0 * inside(c0, w), wc1 * inside(c0 + 1, w)
+    out = ((wr0 * wc0)[:, None] * gather(r0, c0) + (wr0 * wc1)[:, None] * gather(r0, c0 + 1)
+           + (wr1 * wc0)[:, None] * gather(r0 + 1, c0) + (wr1 * wc1)[:, None] * gather(r0 + 1, c0 + 1))
   return out.reshape(*out_hw, ch).astype(image_HxWxC.dtype)
 
 
