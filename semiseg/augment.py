@@ -199,14 +199,19 @@ def warp(image_HxWxC: jax.Array, matrix_3x3: jax.Array, out_hw: tuple[int, int],
     r0f, c0f = jnp.floor(r), jnp.floor(c)
     fr, fc = r - r0f, c - c0f
     r0, c0 = r0f.astype(jnp.int32), c0f.astype(jnp.int32)
-    # Per-pixel weights of the four neighbours; 'constant' zeroes those outside the image in the
-    # weights (one factor per pixel, not per channel), cheaper than reading a zero-padded copy.
-    wr0, wr1, wc0, wc1 = 1.0 - fr, fr, 1.0 - fc, fc
+    # 'constant': neighbours outside the image are read like 'edge' and multiplied by 0, cheaper than
+    # reading a zero-padded copy of the image. Interpolating by differences (not a weighted sum of
+    # four) keeps a constant image exactly constant.
+    p00, p01 = gather(r0, c0), gather(r0, c0 + 1)
+    p10, p11 = gather(r0 + 1, c0), gather(r0 + 1, c0 + 1)
     if border == 'constant':
-      wr0, wr1 = wr0 * inside(r0, h), wr1 * inside(r0 + 1, h)
-      wc0, wc1 = wc0 * inside(c0, w), wc1 * inside(c0 + 1, w)
-    out = ((wr0 * wc0)[:, None] * gather(r0, c0) + (wr0 * wc1)[:, None] * gather(r0, c0 + 1)
-           + (wr1 * wc0)[:, None] * gather(r0 + 1, c0) + (wr1 * wc1)[:, None] * gather(r0 + 1, c0 + 1))
+      vr0, vr1, vc0, vc1 = inside(r0, h), inside(r0 + 1, h), inside(c0, w), inside(c0 + 1, w)
+      p00, p01 = p00 * (vr0 * vc0)[:, None], p01 * (vr0 * vc1)[:, None]
+      p10, p11 = p10 * (vr1 * vc0)[:, None], p11 * (vr1 * vc1)[:, None]
+    fr, fc = fr[:, None], fc[:, None]
+    top = p00 + fc * (p01 - p00)
+    bottom = p10 + fc * (p11 - p10)
+    out = top + fr * (bottom - top)
   return out.reshape(*out_hw, ch).astype(image_HxWxC.dtype)
 
 
