@@ -13,7 +13,8 @@ U-Net on its own, side by side with PyTorch's kernels, to attribute a step's tim
 500; batch 2 on a CPU, 16 on an accelerator).
 Prints a Markdown table; ``--out`` writes the records as JSON; ``--trace DIR`` also records one step
 of each train workload with jax.profiler. Ratios are semiseg / reference
-throughput, timed side by side in this process (alternating, after warm-up, median of repeats).
+throughput, timed side by side in this process (alternating, after warm-up, median of repeats;
+each sample runs a workload back to back for at least ``--min_sample_s``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ flags.DEFINE_string('out', None, 'Write the records here as a JSON list.')
 flags.DEFINE_string('trace', None, 'Also write a jax.profiler trace of one step of each train workload '
                     'under this folder (Perfetto / TensorBoard); per-op names need '
                     'XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true on a CPU.')
+flags.DEFINE_float('min_sample_s', 0.2, 'Each timed sample calls a workload back to back for at least '
+                   'this long (steady state, as in a training loop); 0 times single calls.')
 flags.DEFINE_integer('repeats', 5, 'Timed repeats at the cpu shapes (median reported).')
 flags.DEFINE_integer('paper_repeats', 3, 'Timed repeats at the paper shapes on a CPU (a step takes seconds).')
 
@@ -63,6 +66,7 @@ def main(argv):
   if what - set(WHAT):
     raise app.UsageError(f'--what: unknown {sorted(what - set(WHAT))}; use {WHAT} or all.')
   platform = jax.devices()[0].platform
+  timing.MIN_SAMPLE_S = FLAGS.min_sample_s
   start, load = time.time(), os.getloadavg()
   logging.info('device %s, XLA_FLAGS=%r, load average %.1f', suite.device_name(),
                os.environ.get('XLA_FLAGS', ''), load[0])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -9,6 +10,12 @@ import pytest
 
 import semiseg
 from semiseg.bench import suite
+
+
+@pytest.fixture(autouse=True)
+def single_call_samples(monkeypatch):
+  from semiseg.bench import timing
+  monkeypatch.setattr(timing, 'MIN_SAMPLE_S', 0.0)  # plumbing tests: no need for steady state
 
 
 @pytest.fixture(scope='module')
@@ -134,3 +141,21 @@ def test_layer_records(setting):
     assert sums[op].semiseg_per_s == pytest.approx(1 / seconds)
     flops = sum(n * 2 * b * h * w * ci * co * 9 for (b, h, w, ci, co), n in shapes.items())
     assert sums[op].gflops_per_call == pytest.approx(flops / 1e9)
+
+
+def test_alternating_medians_samples_back_to_back_and_divides():
+  from semiseg.bench import timing
+  counts = {'a': 0, 'b': 0}
+
+  def a():
+    counts['a'] += 1
+    time.sleep(0.002)
+
+  def b():
+    counts['b'] += 1
+    time.sleep(0.02)
+  t = timing.alternating_medians({'a': a, 'b': b, 'c': None}, repeats=3, warmup=1, min_sample_s=0.04)
+  assert t['c'] is None
+  assert 0.002 <= t['a'] < 0.02 and 0.02 <= t['b'] < 0.2
+  # a: 1 warm-up + 3 samples of ceil(0.04 / ~0.002) calls (at most 20); b: 1 + 3 x 2 (fewer if slow).
+  assert counts['a'] > 3 * 5 + 1 and counts['b'] <= 1 + 3 * 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Any, Callable
@@ -17,21 +18,38 @@ def time_once(fn: Callable[[], Any]) -> float:
   return time.perf_counter() - start
 
 
-def alternating_medians(fns: dict[str, Callable[[], Any] | None], repeats: int,
-                        warmup: int = 1) -> dict[str, float | None]:
-  """Median seconds per call of each fn, timed in turn (a, b, a, b, ...) after ``warmup`` calls each.
+# Seconds each timed sample lasts at least (see alternating_medians); experiments.benchmark sets it.
+MIN_SAMPLE_S = 0.2
 
-  Alternating puts the same machine load on every contender, which matters on a shared machine;
-  a ``None`` entry (a reference that is not available) gives ``None``.
+
+def alternating_medians(fns: dict[str, Callable[[], Any] | None], repeats: int,
+                        warmup: int = 1, min_sample_s: float | None = None) -> dict[str, float | None]:
+  """Median seconds per call of each fn, sampled in turn (a, b, a, b, ...) after ``warmup`` calls each.
+
+  Alternating puts the same machine load on every contender, which matters on a shared machine.
+  Each sample runs a fn back to back as many times as it takes to last about ``min_sample_s``
+  (from its last warm-up call; default ``MIN_SAMPLE_S``) and divides: a short call otherwise
+  measures a cold start after the other contender ran (thread pool woken, caches refilled: an
+  augmentation call takes 9.9 ms right after the scipy loop and 3.9 ms back to back on this CPU),
+  not the steady state a training loop runs in. A ``None`` entry (a reference that is not
+  available) gives ``None``.
   """
+  min_sample_s = MIN_SAMPLE_S if min_sample_s is None else min_sample_s
   live = {k: f for k, f in fns.items() if f is not None}
-  for f in live.values():
-    for _ in range(warmup):
-      f()
+  calls = {}
+  for k, f in live.items():
+    last = 0.0
+    for _ in range(max(1, warmup)):
+      last = time_once(f)
+    calls[k] = max(1, min(1000, math.ceil(min_sample_s / max(last, 1e-6))))
   times: dict[str, list[float]] = {k: [] for k in live}
+
+  def sample(f, n):
+    for _ in range(n):
+      f()
   for _ in range(max(1, repeats)):
     for k, f in live.items():
-      times[k].append(time_once(f))
+      times[k].append(time_once(lambda f=f, n=calls[k]: sample(f, n)) / calls[k])
   return {k: (statistics.median(times[k]) if k in times else None) for k in fns}
 
 
