@@ -66,6 +66,8 @@ def main(argv):
   if what - set(WHAT):
     raise app.UsageError(f'--what: unknown {sorted(what - set(WHAT))}; use {WHAT} or all.')
   platform = jax.devices()[0].platform
+  if FLAGS.min_sample_s < 0:
+    raise app.UsageError(f'--min_sample_s must be >= 0 seconds, got {FLAGS.min_sample_s}.')
   timing.MIN_SAMPLE_S = FLAGS.min_sample_s
   start, load = time.time(), os.getloadavg()
   logging.info('device %s, XLA_FLAGS=%r, load average %.1f', suite.device_name(),
