@@ -186,15 +186,14 @@ def warp(image_HxWxC: jax.Array, matrix_3x3: jax.Array, out_hw: tuple[int, int],
     idx = _map_index(ri, h, read_border) * w + _map_index(ci, w, read_border)
     return flat_PxC.at[idx].get(mode='promise_in_bounds')  # in range by construction: no clamp
 
-  def inside(i, n):  # 1.0 where 0 <= i < n (one unsigned compare), else 0.0
-    return (i.astype(jnp.uint32) < n).astype(jnp.float32)
+  def inside(i, n):  # 0 <= i < n, by one unsigned compare
+    return i.astype(jnp.uint32) < n
 
   if order == 0:
     ri, ci = jnp.floor(r + 0.5).astype(jnp.int32), jnp.floor(c + 0.5).astype(jnp.int32)
     out = gather(ri, ci)
     if border == 'constant':
-      out = jnp.where(((ri.astype(jnp.uint32) < h) & (ci.astype(jnp.uint32) < w))[:, None], out,
-                      jnp.zeros((), out.dtype))
+      out = jnp.where((inside(ri, h) & inside(ci, w))[:, None], out, jnp.zeros((), out.dtype))
   else:
     r0f, c0f = jnp.floor(r), jnp.floor(c)
     fr, fc = r - r0f, c - c0f
@@ -206,8 +205,8 @@ def warp(image_HxWxC: jax.Array, matrix_3x3: jax.Array, out_hw: tuple[int, int],
     p10, p11 = gather(r0 + 1, c0), gather(r0 + 1, c0 + 1)
     if border == 'constant':
       vr0, vr1, vc0, vc1 = inside(r0, h), inside(r0 + 1, h), inside(c0, w), inside(c0 + 1, w)
-      p00, p01 = p00 * (vr0 * vc0)[:, None], p01 * (vr0 * vc1)[:, None]
-      p10, p11 = p10 * (vr1 * vc0)[:, None], p11 * (vr1 * vc1)[:, None]
+      p00, p01 = p00 * (vr0 & vc0)[:, None], p01 * (vr0 & vc1)[:, None]
+      p10, p11 = p10 * (vr1 & vc0)[:, None], p11 * (vr1 & vc1)[:, None]
     fr, fc = fr[:, None], fc[:, None]
     top = p00 + fc * (p01 - p00)
     bottom = p10 + fc * (p11 - p10)

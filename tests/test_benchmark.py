@@ -157,5 +157,5 @@ def test_alternating_medians_samples_back_to_back_and_divides():
   t = timing.alternating_medians({'a': a, 'b': b, 'c': None}, repeats=3, warmup=1, min_sample_s=0.04)
   assert t['c'] is None
   assert 0.002 <= t['a'] < 0.02 and 0.02 <= t['b'] < 0.2
-  # a: 1 warm-up + 3 samples of ceil(0.04 / ~0.002) calls (at most 20); b: 1 + 3 x 2 (fewer if slow).
-  assert counts['a'] > 3 * 5 + 1 and counts['b'] <= 1 + 3 * 2
+  # a: 1 warm-up + 3 samples of ceil(0.04 / ~0.002) calls (up to 20 each); b: 1 + 3 x 2 (fewer if slow).
+  assert counts['a'] >= 1 + 3 * 2 and counts['a'] > counts['b'] and counts['b'] <= 1 + 3 * 2

@@ -300,7 +300,7 @@ def bench_layers(setting: Setting, torch: Torch, peak: float | None) -> list[Rec
     for op in CONV_OPS:
       t = timing.alternating_medians({'semiseg': ours[op], 'reference': ref.get(op)}, setting.repeats)
       totals[op][0] += count * t['semiseg']
-      totals[op][1] += count * (t['reference'] or math.nan)
+      totals[op][1] += count * (t['reference'] or 0.0)
       totals[op][2] += count * flops
       record = Record(workload=f'conv3x3 {op} {h}px {cin}->{cout}', semiseg_per_s=1 / t['semiseg'],
                       reference_per_s=1 / t['reference'] if t['reference'] else None, unit='calls/s',
@@ -310,7 +310,7 @@ def bench_layers(setting: Setting, torch: Torch, peak: float | None) -> list[Rec
                            + (f' vs {1e3 * t["reference"]:.2f}' if t['reference'] else ''))
       records.append(_gflop_rates(record, flops, t['semiseg'], t['reference'], peak))
   for op, (ours_s, ref_s, flops) in totals.items():
-    ref_s = None if math.isnan(ref_s) else ref_s
+    ref_s = ref_s if torch.module else None
     record = Record(workload=f'conv3x3 sum {op}', semiseg_per_s=1 / ours_s,
                     reference_per_s=1 / ref_s if ref_s else None, unit='steps/s', device=device_name(),
                     shapes=setting.shapes, reference=torch.name or torch.why,
