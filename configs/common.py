@@ -16,9 +16,18 @@ MVTEC_OBJECTS = ('bottle', 'cable', 'capsule', 'hazelnut', 'metal_nut', 'pill', 
 MVTEC_CATEGORIES = ('bottle', 'cable', 'capsule', 'carpet', 'grid', 'hazelnut', 'leather',
                     'metal_nut', 'pill', 'screw', 'tile', 'toothbrush', 'transistor', 'wood',
                     'zipper')
-# Categories where a flip does not change what counts as normal ("wherever possible", paper 3.3):
-# textures, and objects that are symmetric in the image plane. Flips off for the others.
-MVTEC_FLIP_OK = MVTEC_TEXTURES + ('bottle', 'hazelnut', 'metal_nut', 'screw')
+# Flips where they do not change what counts as normal ("wherever possible", paper 3.3), per axis:
+# (flip_x = left-right mirror, flip_y = up-down). Both for textures and for objects that lie in any
+# orientation (bottle, hazelnut, screw). Off where a mirror image is a defect or never normal:
+#   metal_nut  - its defect type 'flip' is the nut upside down, which is what a mirrored good nut shows;
+#   cable      - a mirror swaps two of the three coloured cables: the defect type 'cable_swap';
+#   capsule, pill - the printed '500' / 'FF' would read mirrored, like 'faulty_imprint';
+#   transistor - an up-down flip puts the leads on top, like 'misplaced'; left-right kept off too (its
+#                defects are about position);
+#   toothbrush, zipper - upright in every image: left-right only.
+MVTEC_FLIPS = {c: (True, True) for c in MVTEC_TEXTURES + ('bottle', 'hazelnut', 'screw')}
+MVTEC_FLIPS.update({c: (False, False) for c in ('metal_nut', 'cable', 'capsule', 'pill', 'transistor')})
+MVTEC_FLIPS.update({c: (True, False) for c in ('toothbrush', 'zipper')})
 
 SYNTHETIC_TEXTURES = ('brick', 'grass', 'gravel')
 SYNTHETIC_OBJECTS = ('washer', 'pcb')
@@ -98,7 +107,12 @@ def get_base_config() -> config_dict.ConfigDict:
   c.data.data_dir = config_dict.placeholder(str)  # TFDS data dir; unset: $SEMISEG_DATA_DIR or ~/tensorflow_datasets
   c.data.image_size = 256  # network input; for textures the crop (stored at 2x, paper 3.3)
   c.data.texture = False  # set from the category by the dataset config
-  c.data.k_labeled = 1  # labeled images per defect type, taken from test (paper 4.1)
+  # The split (paper 4.1, Table 1): 'paper' = for every test folder, good included, k_labeled images
+  # labeled and test_to_unlabeled moved into the unlabeled set; 'k_per_defect' = k_labeled images per
+  # defect type labeled, nothing moved (unlabeled = train/good only).
+  c.data.split = 'paper'
+  c.data.k_labeled = 1
+  c.data.test_to_unlabeled = 2
   c.data.split_seed = 0
   c.data.prefetch = 2  # batches prepared ahead by a background thread
 

@@ -19,7 +19,7 @@ def get_config(arg: str | None = None):
   c.data.category = 'bottle'
   common.select_category(c, words, common.MVTEC_CATEGORIES, common.MVTEC_TEXTURES, ('smoke',),
                          'configs/mvtec.py')
-  c.augment.flip_x = c.augment.flip_y = c.data.category in common.MVTEC_FLIP_OK
+  c.augment.flip_x, c.augment.flip_y = common.MVTEC_FLIPS[c.data.category]
   c.ae_num_train_steps = None
   if 'smoke' in words:
     common.smoke(c)

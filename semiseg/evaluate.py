@@ -135,6 +135,7 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
          'seed': int(config.seed), 'score_kind': method.score_kind, 'threshold_rule': rule,
          'threshold': threshold, 'test': test, 'train': train, 'per_defect_type': per_type,
          'num_test_images': len(data.test), 'num_labeled_images': len(data.labeled),
+         'test_tiles_per_image': (data.test.images.shape[1] // ctx.image_size) ** 2 if ctx.texture else 1,
          'num_unlabeled_images': len(data.unlabeled)}
   if method.score_kind == 'anomaly' and rule != 'oracle':
     oracle_t = fit_threshold(test_scores, data.test)

@@ -348,8 +348,10 @@ def build_markdown(*, dataset: str, rows: list[dict], timing: list[dict], counts
   if notes:
     out += ['Notes:', ''] + [f'- {n}' for n in notes] + ['']
   out += ['## Table 1: unlabeled / labeled / test images', '',
-          '% labeled = labeled / (unlabeled + labeled), rounded (the paper\'s column matches this '
-          'formula truncated to 2 decimals).', '', table1(counts, mvtec), '']
+          'The paper\'s split: for every test folder, good included, 1 image labeled and 2 moved into the '
+          'unlabeled set; textures count each test image as its 4 tiles. % labeled = labeled / (unlabeled + '
+          'labeled), rounded (the paper\'s column matches this formula truncated to 2 decimals).', '',
+          table1(counts, mvtec), '']
   out += ['## Table 2: defect-class IoU (test split)', '',
           'IoU of the defect class, TP / (TP + FP + FN)' + (' with the paper\'s Table 2 alongside ("paper ...", '
                                                              'the paper\'s column names).' if mvtec else '.'),
@@ -752,7 +754,7 @@ def collect(config, root: str, cells: list[Cell]) -> tuple[list[dict], list[dict
     rows += rows_from_eval(ev, c.dataset, c.category, c.method, c.variant, c.seed)
     timing.append(timing_from_eval(ev, c.dataset, c.category, c.method, c.variant, c.seed))
     counts.setdefault(c.category, {'unlabeled': ev['num_unlabeled_images'], 'labeled': ev['num_labeled_images'],
-                                   'test': ev['num_test_images']})
+                                   'test': ev['num_test_images'] * ev.get('test_tiles_per_image', 1)})
   return rows, timing, counts
 
 

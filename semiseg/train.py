@@ -85,6 +85,10 @@ def validate_config(config) -> None:
     raise ValueError(f'config.log_every_steps must be positive, got {config.log_every_steps}.')
   if config.data.k_labeled < 1:
     raise ValueError(f'config.data.k_labeled must be at least 1, got {config.data.k_labeled}.')
+  if config.data.split not in ('paper', 'k_per_defect'):
+    raise ValueError(f"config.data.split must be 'paper' or 'k_per_defect', got {config.data.split!r}.")
+  if config.data.test_to_unlabeled < 0:
+    raise ValueError(f'config.data.test_to_unlabeled must be >= 0, got {config.data.test_to_unlabeled}.')
   if config.data.image_size <= 0:
     raise ValueError(f'config.data.image_size must be positive, got {config.data.image_size}.')
   validate_method(config)  # the method's own checks, before anything (an AE, say) is trained

@@ -29,6 +29,21 @@ def test_textures_are_marked_and_reflected():
   assert synthetic.get_config('grass').data.texture and not synthetic.get_config('pcb').data.texture
 
 
+def test_flips_off_where_a_mirror_is_a_defect():
+  # metal_nut's defect type 'flip' is what a mirrored good nut looks like; cable's 'cable_swap' too.
+  for category in ('metal_nut', 'cable', 'capsule', 'pill', 'transistor'):
+    c = mvtec.get_config(category)
+    assert not c.augment.flip_x and not c.augment.flip_y, category
+  assert mvtec.get_config('toothbrush').augment.flip_x and not mvtec.get_config('toothbrush').augment.flip_y
+  assert mvtec.get_config('bottle').augment.flip_x and mvtec.get_config('carpet').augment.flip_y
+  assert set(common.MVTEC_FLIPS) == set(common.MVTEC_CATEGORIES)
+
+
+def test_the_split_is_the_papers_by_default():
+  for c in (synthetic.get_config(), mvtec.get_config('bottle'), folder.get_config('cpu')):
+    assert (c.data.split, c.data.k_labeled, c.data.test_to_unlabeled) == ('paper', 1, 2)
+
+
 def test_paper_settings():
   c = mvtec.get_config('bottle')
   assert (c.data.image_size, c.batch_size, c.num_epochs, c.model.latent_dim) == (256, 16, 200, 16 * 0 + 500)

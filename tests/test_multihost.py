@@ -14,6 +14,7 @@ import pytest
 from tests.test_sharding import WORKER
 
 TIMEOUT_S = 600  # a cold XLA cache on two busy cores; warm, the whole test takes well under a minute
+LEARNING_RATE = 2e-3  # of configs/synthetic.py:washer,smoke (the CPU preset's)
 
 
 def free_port() -> int:
@@ -75,7 +76,23 @@ def test_processes_end_with_identical_parameters_equal_to_one_process(runs):
   assert len(p0) == len(p1) == len(ref) > 0
   for a, b, r in zip(p0, p1, ref):
     np.testing.assert_array_equal(a, b)  # replicated state: bit-identical on both processes
-    np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)  # only the cross-host sum order differs
+    # Only the cross-host sum order differs, but Adam divides by sqrt(v): for a parameter whose gradient
+    # is near zero, a rounding difference becomes a fraction of one step (measured: up to 0.2 lr on the
+    # AE after 2 steps). A sharding bug (rows lost or repeated) flips the sign of whole steps (2 lr).
+    # So: a few elements may differ by a fraction of a step; most must agree far closer than that.
+    diff = np.abs(a.astype(np.float64) - r)
+    assert np.mean(diff > 0.5 * LEARNING_RATE) <= 0.01 and diff.mean() <= 0.05 * LEARNING_RATE, diff.max()
+
+
+def test_losses_over_training_equal_one_process(runs):
+  def losses(path):
+    with open(path) as f:
+      return [(r['step'], r['loss']) for r in map(json.loads, f)]
+  for sub in ('ae/metrics.jsonl', 'metrics.jsonl'):
+    multi, single = losses(runs['tmp'] / 'multi' / sub), losses(runs['tmp'] / 'single' / sub)
+    assert [s for s, _ in multi] == [s for s, _ in single] and multi
+    for (_, a), (_, b) in zip(multi, single):
+      assert a == pytest.approx(b, rel=1e-4), sub
 
 
 def test_orbax_restores_across_processes(runs):
@@ -98,7 +115,8 @@ def test_evaluation_gathers_every_process_rows(runs):
   for name in ('p0', 'p1'):
     assert runs[name]['num_test_images'] == runs['ref']['num_test_images']
     for key, value in runs['ref']['test'].items():
-      assert runs[name]['test'][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+      # Parameters agree to a fraction of a step (above), so the metrics agree to about a percent.
+      assert runs[name]['test'][key] == pytest.approx(value, rel=0.02, abs=1e-3), key
 
 
 def test_full_arrays_become_global_arrays(runs):

@@ -93,7 +93,9 @@ def test_unknown_or_mistyped_override_is_one_line_naming_the_key(tmp_path, overr
 
 @pytest.mark.parametrize('arg,match', [
     ('method=ae,data.image_size=34', r'image_size=34 is not divisible by 2\*\*len\(config.model.ae_features\)'),
-    ('method=unet,data.k_labeled=50', r"defect type '.*' has \d+ test image\(s\); k_labeled=50 .*Lower data.k_labeled"),
+    ('method=unet,data.k_labeled=50', r"test folder '.*' has \d+ image\(s\); split='paper' with k_labeled=50 "
+                                      r".*Lower config.data.k_labeled"),
+    ('method=unet,data.split=random', r"config.data.split must be 'paper' or 'k_per_defect'"),
     ('method=unet,optim.decay_rate=0', r'config.optim.decay_rate must be in \(0, 1\]'),
     ('method=unet,ckpt.every_steps=0', 'config.ckpt.every_steps must be positive'),
     ('method=unet,num_train_steps=-1', 'config.num_train_steps must be >= 0'),
@@ -295,7 +297,7 @@ def test_failed_split_write_leaves_no_split_and_no_temp_file(tmp_path, monkeypat
     raise OSError('disk full')
   monkeypatch.setattr(os, 'replace', fail)
   with pytest.raises(OSError):
-    split.load_or_create_manifest(str(tmp_path), ['a', 'a'], ['test/a/0.png', 'test/a/1.png'],
+    split.load_or_create_manifest(str(tmp_path), ['a'] * 4, [f'test/a/{i}.png' for i in range(4)],
                                   ['train/good/0.png'], 1, 0)
   assert os.listdir(tmp_path) == []
 

@@ -30,7 +30,9 @@ class DataSpec:
   data_dir: str | None
   image_size: int
   texture: bool
+  split: str  # 'paper' | 'k_per_defect' (semiseg/data/split.py)
   k_labeled: int
+  test_to_unlabeled: int
   split_seed: int
   prefetch: int
 
@@ -141,9 +143,12 @@ def load_category(data_config, workdir: str | None) -> CategoryData:
     raise ValueError(f'{where}: no unlabeled (train/good) images; add some to the category.')
   manifest = split_lib.load_or_create_manifest(
       workdir, [examples[f][2] for f in test], test, train, spec.k_labeled, spec.split_seed,
-      dataset=spec.name, category=spec.category)
+      rule=spec.split, test_to_unlabeled=spec.test_to_unlabeled,
+      test_tiles=(spec.stored_size // spec.image_size) ** 2, dataset=spec.name, category=spec.category)
   s = spec.stored_size
-  data = CategoryData(unlabeled=_make_split(examples, manifest['unlabeled'], s),
+  unlabeled = _make_split(examples, manifest['unlabeled'], s)
+  unlabeled.masks[:] = 0  # unlabeled: the defect images moved there by the paper's rule lose their masks
+  data = CategoryData(unlabeled=unlabeled,
                       labeled=_make_split(examples, manifest['labeled'], s),
                       test=_make_split(examples, manifest['test'], s),
                       manifest=manifest, texture=spec.texture, image_size=spec.image_size)

@@ -1,7 +1,17 @@
-"""The paper's split (4.1): unlabeled = train/good; labeled = k images per defect type from test; test = the rest.
+"""The paper's split (4.1, Table 1) and the older per-defect-type rule; written once as ``split.json``.
 
-The split is written once as ``<workdir>/split.json`` so every method, every rerun and every
-evaluation sees the same images.
+``rule='paper'`` (the default) follows Table 1 of the paper exactly, for all 15 MVTec AD categories:
+for every test folder, ``good`` included, ``k`` images are labeled and ``to_unlabeled`` more move
+into the unlabeled set (beside ``train/good``); the rest stay test. So the unlabeled set is "mostly
+normal" with a few defect images (without their masks), and a labeled good image trains with its
+all-normal mask. Bottle: 209 + 4 x 2 = 217 unlabeled, 4 labeled, 83 - 12 = 71 test.
+
+``rule='k_per_defect'``: ``k`` labeled images per defect type (not ``good``); unlabeled = train/good
+only; test = the rest.
+
+Choices are seeded per folder by its name, so adding a folder does not move the others' choices.
+The manifest is written once as ``<workdir>/split.json`` so every method, rerun and evaluation sees
+the same images.
 """
 
 from __future__ import annotations
@@ -15,55 +25,98 @@ from semiseg import io
 
 GOOD = 'good'
 MANIFEST = 'split.json'
+RULES = ('paper', 'k_per_defect')
+# What the saved manifest must share with a fresh one to be reused.
+_IDENTITY = ('dataset', 'category', 'rule', 'k', 'test_to_unlabeled', 'seed')
 
 
-def make_split(test_defect_types: list[str], test_filenames: list[str], train_filenames: list[str],
-               k: int, seed: int, *, dataset: str = '', category: str = '') -> dict:
-  """The split manifest; ``k`` labeled images per defect type (not 'good'), chosen with ``seed``."""
+def _by_folder(test_defect_types: list[str], test_filenames: list[str]) -> dict[str, list[str]]:
   if len(test_defect_types) != len(test_filenames):
     raise ValueError('make_split: test_defect_types and test_filenames differ in length.')
-  if k < 1:
-    raise ValueError(f'data.k_labeled must be >= 1 (got {k}).')
   by_type: dict[str, list[str]] = {}
   for t, f in zip(test_defect_types, test_filenames):
     by_type.setdefault(t, []).append(f)
-  labeled = []
-  for t in sorted(by_type):
-    if t == GOOD:
+  return {t: sorted(files) for t, files in sorted(by_type.items())}
+
+
+def make_split(test_defect_types: list[str], test_filenames: list[str], train_filenames: list[str],
+               k: int, seed: int, *, rule: str = 'paper', test_to_unlabeled: int = 2,
+               dataset: str = '', category: str = '') -> dict:
+  """The split manifest: keys ``unlabeled``, ``labeled``, ``test`` (file lists) and the rule's settings.
+
+  Args:
+    test_defect_types, test_filenames: the test images and their folder (``good`` or a defect type).
+    train_filenames: ``train/good`` images; always unlabeled.
+    k: labeled images per folder (``config.data.k_labeled``).
+    seed: ``config.data.split_seed``.
+    rule: 'paper' (every folder, good included, gives k labeled and ``test_to_unlabeled`` unlabeled
+      images) or 'k_per_defect' (k labeled per defect type, nothing moves to unlabeled).
+    test_to_unlabeled: 'paper' only: images per folder moved into the unlabeled set.
+  """
+  if rule not in RULES:
+    raise ValueError(f'config.data.split must be one of {RULES}, got {rule!r}.')
+  if k < 1:
+    raise ValueError(f'config.data.k_labeled must be >= 1, got {k}.')
+  moved = int(test_to_unlabeled) if rule == 'paper' else 0
+  if moved < 0:
+    raise ValueError(f'config.data.test_to_unlabeled must be >= 0, got {test_to_unlabeled}.')
+  folders = _by_folder(test_defect_types, test_filenames)
+  labeled, to_unlabeled = [], []
+  for t, files in folders.items():
+    if rule == 'k_per_defect' and t == GOOD:
       continue
-    files = sorted(by_type[t])
-    if len(files) < k + 1:
-      raise ValueError(f'{dataset}/{category}: defect type {t!r} has {len(files)} test image(s); '
-                       f'k_labeled={k} needs at least {k + 1} (k to label, one to test). '
-                       'Lower data.k_labeled or add images of that type.')
-    # One generator per type, keyed by its name, so adding a type does not move the others.
+    need = k + moved + 1
+    if len(files) < need:
+      raise ValueError(f'{dataset}/{category}: test folder {t!r} has {len(files)} image(s); '
+                       f'split={rule!r} with k_labeled={k}' + (f' and test_to_unlabeled={moved}' if moved else '')
+                       + f' needs at least {need} ({k} to label, ' + (f'{moved} for the unlabeled set, ' if moved else '')
+                       + 'one to test). Lower config.data.k_labeled' + (' or config.data.test_to_unlabeled' if moved else '')
+                       + ', or add images to that folder.')
+    # One generator per folder, keyed by its name, so adding a folder does not move the others.
     rng = np.random.default_rng([seed, *t.encode()])
-    labeled += [files[i] for i in sorted(rng.choice(len(files), size=k, replace=False))]
-  if not labeled:
+    chosen = rng.choice(len(files), size=k + moved, replace=False)
+    labeled += [files[i] for i in sorted(chosen[:k])]
+    to_unlabeled += [files[i] for i in sorted(chosen[k:])]
+  if not any(t != GOOD for t in folders):
     raise ValueError(f'{dataset}/{category}: the test split has no defect images, so there is '
                      'nothing to label; add test/<defect_type>/ folders with masks.')
-  chosen = set(labeled)
-  return {'dataset': dataset, 'category': category, 'k': k, 'seed': seed,
-          'unlabeled': sorted(train_filenames),
+  taken = set(labeled) | set(to_unlabeled)
+  return {'dataset': dataset, 'category': category, 'rule': rule, 'k': k, 'test_to_unlabeled': moved,
+          'seed': seed,
+          'unlabeled': sorted(train_filenames) + to_unlabeled,
           'labeled': labeled,
-          'test': sorted(f for f in test_filenames if f not in chosen)}
+          'test': sorted(f for f in test_filenames if f not in taken)}
+
+
+def counts(manifest: dict, test_tiles: int = 1) -> dict[str, int]:
+  """Table 1's numbers of a manifest; ``test_tiles`` counts each test image as that many (textures: 4)."""
+  return {'unlabeled': len(manifest['unlabeled']), 'labeled': len(manifest['labeled']),
+          'test': len(manifest['test']) * test_tiles}
 
 
 def load_or_create_manifest(workdir: str | None, test_defect_types: list[str],
                             test_filenames: list[str], train_filenames: list[str], k: int,
-                            seed: int, *, dataset: str = '', category: str = '') -> dict:
-  """Reads ``workdir/split.json`` if present (checking it matches), else makes and writes it."""
-  fresh = make_split(test_defect_types, test_filenames, train_filenames, k, seed,
-                     dataset=dataset, category=category)
+                            seed: int, *, rule: str = 'paper', test_to_unlabeled: int = 2,
+                            test_tiles: int = 1, dataset: str = '', category: str = '') -> dict:
+  """Reads ``workdir/split.json`` if present (checking it matches), else makes and writes it.
+
+  The manifest also records ``counts`` (Table 1's numbers; ``test`` counts each test image as
+  ``test_tiles`` tiles, 4 for textures as in the paper, ``test_images`` the images).
+  """
+  fresh = make_split(test_defect_types, test_filenames, train_filenames, k, seed, rule=rule,
+                     test_to_unlabeled=test_to_unlabeled, dataset=dataset, category=category)
+  fresh['counts'] = {**counts(fresh, test_tiles), 'test_images': len(fresh['test'])}
   if workdir is None:
     return fresh
   path = os.path.join(workdir, MANIFEST)
   if os.path.exists(path):
     with open(path) as f:
       manifest = json.load(f)
-    for key in ('dataset', 'category', 'k', 'seed'):
-      if manifest.get(key) != fresh[key]:
-        raise ValueError(f'{path}: the saved split has {key}={manifest.get(key)!r} but this run asks '
+    # A manifest written before the rule was recorded was made by the per-defect-type rule.
+    saved = {'rule': 'k_per_defect', 'test_to_unlabeled': 0, **manifest}
+    for key in _IDENTITY:
+      if saved.get(key) != fresh[key]:
+        raise ValueError(f'{path}: the saved split has {key}={saved.get(key)!r} but this run asks '
                          f'for {fresh[key]!r}. Use another workdir, or delete {path} to re-split '
                          '(results from the old split then no longer compare).')
     known = set(fresh['unlabeled']) | set(fresh['labeled']) | set(fresh['test'])
@@ -72,6 +125,6 @@ def load_or_create_manifest(workdir: str | None, test_defect_types: list[str],
     if missing:
       raise ValueError(f'{path}: {len(missing)} file(s) of the saved split are not in the dataset '
                        f'(e.g. {missing[0]!r}); the data changed. Use another workdir or delete it.')
-    return manifest
+    return saved
   io.write_json_atomic(path, fresh)  # a concurrent reader sees no file or the whole one
   return fresh

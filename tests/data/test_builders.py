@@ -23,7 +23,7 @@ def _read_all(builder) -> dict[str, dict]:
 def _check_mvtec(builder, size):
   rows = _read_all(builder)
   assert sorted(rows) == sorted(
-      [f'train/good/{i:03d}.png' for i in range(4)] + [f'test/good/{i:03d}.png' for i in range(2)]
+      [f'train/good/{i:03d}.png' for i in range(4)] + [f'test/good/{i:03d}.png' for i in range(4)]
       + [f'test/type{j}/{i:03d}.png' for j in range(3) for i in range(2)])
   for name, ex in rows.items():
     assert ex['image'].shape == (size, size, 3) and ex['image'].dtype == np.uint8
@@ -35,7 +35,7 @@ def _check_mvtec(builder, size):
 
 
 def test_mvtec_from_tree_and_tar_xz(tmp_path):
-  tree = fake_tree.write_mvtec(str(tmp_path / 'manual_tree'), categories=['bottle'])
+  tree = fake_tree.write_mvtec(str(tmp_path / 'manual_tree'), per_type=2, categories=['bottle'])
   config = mvtec_ad.config_for('bottle', 16)
   b = mvtec_ad.MvtecAd(config=config, data_dir=str(tmp_path / 'tfds'))
   b.download_and_prepare(file_format='array_record',

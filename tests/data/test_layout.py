@@ -13,7 +13,7 @@ from tests.data import fake_tree
 @pytest.fixture
 def tree(tmp_path):
   root = str(tmp_path / 'root')
-  fake_tree.write_category(root, 'thing', {'scratch': 2, 'crack': 3}, n_train=3, size=12)
+  fake_tree.write_category(root, 'thing', {'scratch': 2, 'crack': 3}, n_train=3, n_test_good=2, size=12)
   return root
 
 

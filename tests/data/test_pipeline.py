@@ -84,15 +84,22 @@ def _config(**data):
 
 def test_load_folder_and_manifest(tmp_path):
   root = str(tmp_path / 'root')
-  fake_tree.write_category(root, 'thing', {'a': 3, 'b': 2}, n_train=5, size=12, gray=True)
+  fake_tree.write_category(root, 'thing', {'a': 5, 'b': 4}, n_train=5, n_test_good=4, size=12, gray=True)
   cfg = _config(name='folder', root=root, category='thing', image_size=8, texture=True)
   data = pipeline.load_category(cfg, str(tmp_path / 'work'))
-  assert (len(data.unlabeled), len(data.labeled), len(data.test)) == (5, 2, 5)
-  assert data.unlabeled.images.shape == (5, 16, 16, 3) and data.labeled.masks.shape == (2, 16, 16, 1)
-  assert data.labeled.masks.any(axis=(1, 2, 3)).all()
-  assert sorted(data.labeled.defect_types) == ['a', 'b'] and data.texture and data.image_size == 8
+  # The paper's rule: per folder (a, b, good) 1 labeled and 2 into the unlabeled set.
+  assert (len(data.unlabeled), len(data.labeled), len(data.test)) == (5 + 6, 3, 13 - 9)
+  assert data.unlabeled.images.shape == (11, 16, 16, 3) and data.labeled.masks.shape == (3, 16, 16, 1)
+  assert sorted(data.labeled.defect_types) == ['a', 'b', 'good'] and data.texture and data.image_size == 8
+  for i, t in enumerate(data.labeled.defect_types):  # defect masks kept, the good image all normal
+    assert data.labeled.masks[i].any() == (t != 'good')
+  assert sorted(t for t in data.unlabeled.defect_types if t != 'good') == ['a', 'a', 'b', 'b']
+  assert not data.unlabeled.masks.any()  # unlabeled: the moved defect images carry no mask
+  assert data.manifest['counts'] == {'unlabeled': 11, 'labeled': 3, 'test': 16, 'test_images': 4}
   again = pipeline.load_category(cfg, str(tmp_path / 'work'))
   assert again.manifest == data.manifest and (again.test.images == data.test.images).all()
+  old = pipeline.load_category(_config(name='folder', root=root, category='thing', split='k_per_defect'), None)
+  assert (len(old.unlabeled), len(old.labeled), len(old.test)) == (5, 2, 11)
   with pytest.raises(ValueError, match=r"valid: \('synthetic_defects', 'mvtec_ad', 'folder'\)"):
     pipeline.load_category(_config(name='nope'), None)
   with pytest.raises(ValueError, match='k_labeled=3'):
@@ -102,13 +109,14 @@ def test_load_folder_and_manifest(tmp_path):
 def test_load_synthetic_and_mvtec(tmp_path, monkeypatch):
   monkeypatch.setenv('SEMISEG_DATA_DIR', str(tmp_path / 'tfds'))
   data = pipeline.load_category(_config(category='washer', image_size=16), None)
-  assert len(data.unlabeled) == 200 and len(data.labeled) == 4 and len(data.test) == 20 + 4 * 14
+  # washer: 200 train, test good 20 and 4 defect types of 15: 5 folders give 1 labeled + 2 unlabeled.
+  assert len(data.unlabeled) == 210 and len(data.labeled) == 5 and len(data.test) == 80 - 15
   assert data.test.images.shape[1:] == (16, 16, 3)
   root = fake_tree.write_mvtec(str(tmp_path / 'manual'), categories=['toothbrush'], size=8)
   data = pipeline.load_category(_config(name='mvtec_ad', category='toothbrush', root=root,
                                         image_size=16), None)
-  assert (len(data.unlabeled), len(data.labeled), len(data.test)) == (4, 1, 3)
-  assert data.unlabeled.images.shape == (4, 16, 16, 3)
+  assert (len(data.unlabeled), len(data.labeled), len(data.test)) == (4 + 4, 2, 2)
+  assert data.unlabeled.images.shape == (8, 16, 16, 3)
   with pytest.raises(ValueError, match='data.root'):
     pipeline.load_category(_config(name='mvtec_ad', category='bottle'), None)
 

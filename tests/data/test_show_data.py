@@ -12,7 +12,7 @@ from tests.data import fake_tree
 
 def test_render_sheet(tmp_path):
   root = str(tmp_path / 'r')
-  fake_tree.write_category(root, 'c', {'a': 2, 'b': 2}, size=16)
+  fake_tree.write_category(root, 'c', {'a': 4, 'b': 4}, size=16)
   c = get_base_config()
   c.data.name, c.data.root, c.data.category, c.data.image_size = 'folder', root, 'c', 16
   data = pipeline.load_category(c.data, None)
