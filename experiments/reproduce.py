@@ -12,7 +12,7 @@ Usage:
 from absl import app
 
 from experiments import _main
-from semiseg import report
+from semiseg import report, reproduce
 
 _main.define_flags()
 
@@ -20,7 +20,7 @@ _main.define_flags()
 def main(argv):
   del argv
   _main.start()
-  result = report.reproduce(_main.FLAGS.config, _main.FLAGS.workdir)
+  result = reproduce.reproduce(_main.FLAGS.config, _main.FLAGS.workdir)
   print(f'{len(result.cells_run)} cell(s) run, {len(result.cells_skipped)} already finished; '
         f'report: {result.report_path}')
   print('Table 2: defect-class IoU (test split)')

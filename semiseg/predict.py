@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io as _io
 import logging
 import os
 from typing import Iterator
@@ -12,7 +11,7 @@ import numpy as np
 from ml_collections import config_dict
 from PIL import Image
 
-from semiseg import io, report
+from semiseg import figures, io, report
 from semiseg.data import layout
 
 log = logging.getLogger(__name__)
@@ -83,12 +82,6 @@ def resize_scores(score_HxW: np.ndarray, width: int, height: int) -> np.ndarray:
                     .resize((width, height), Image.BILINEAR), np.float32)
 
 
-def _png(path: str, array: np.ndarray) -> None:
-  buf = _io.BytesIO()
-  Image.fromarray(array).save(buf, format='PNG')
-  io.write_bytes_atomic(path, buf.getvalue())
-
-
 def _chunks(files: list[str], size: int, failed: list) -> Iterator[list[tuple[str, np.ndarray]]]:
   """Readable images in chunks of ``size`` (bounded memory); unreadable ones go to ``failed``."""
   chunk = []
@@ -136,9 +129,9 @@ def predict(config, workdir: str, input_path: str, out_dir: str, progress: bool 
         full = np.clip(resize_scores(score, w, h), 0.0, 1.0)
         pred = full >= threshold
         stem = os.path.join(out_dir, output_stem(f, input_path))
-        _png(stem + '_mask.png', pred.astype(np.uint8) * 255)
-        _png(stem + '_score.png', (full * 65535 + 0.5).astype(np.uint16))
-        _png(stem + '_overlay.png', report.overlay_image(image, full, pred, None, vmax=vmax, min_side=0))
+        figures.write_png(stem + '_mask.png', pred.astype(np.uint8) * 255)
+        figures.write_png(stem + '_score.png', (full * 65535 + 0.5).astype(np.uint16))
+        figures.write_png(stem + '_overlay.png', figures.overlay_image(image, full, pred, None, vmax=vmax, min_side=0))
         rows.append({'file': os.path.relpath(f, input_path) if os.path.isdir(input_path) else f,
                      'defect_pixel_fraction': float(pred.mean()), 'image_score': float(score.max())})
       bar.update(len(chunk))

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from semiseg import report
+from semiseg import figures, paper_results, report
 
 
 def hand_rows():
@@ -57,7 +57,7 @@ def test_table_text_shows_mean_pm_std():
 def test_paper_columns_for_mvtec():
   rows, _ = hand_rows()
   rows = [{**r, 'category': 'bottle' if r['category'] == 'a' else 'wood'} for r in rows]
-  text = report.metric_table(rows, 'defect_iou', paper=report.PAPER_TABLE2)
+  text = report.metric_table(rows, 'defect_iou', paper=paper_results.TABLE2_DEFECT_IOU)
   assert 'paper AE + Unet' in text and 'paper Unet' in text
   assert '0.655' in text and '0.652' in text and '0.666' in text  # bottle, wood, mean of AE + Unet
   t1 = report.table1({'bottle': {'unlabeled': 217, 'labeled': 4, 'test': 71}}, True)
@@ -84,5 +84,5 @@ def test_figure_indices_take_one_defect_type_at_a_time():
   masks = np.zeros((6, 4, 4, 1), np.uint8)
   masks[[1, 2, 3, 5]] = 1
   types = ['good', 'crack', 'crack', 'hole', 'good', 'crack']
-  assert report.figure_indices(types, masks, 2) == [1, 3]
-  assert report.figure_indices(types, masks, 10) == [1, 2, 3, 5]
+  assert figures.figure_indices(types, masks, 2) == [1, 3]
+  assert figures.figure_indices(types, masks, 10) == [1, 2, 3, 5]

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from configs import reproduce as reproduce_config
-from semiseg import report, train
+from semiseg import io, report, reproduce, train
 
 CELLS = ('ae', 'unet', 'ae_unet', 'unet_no_aug', 'ae_unet_diff')
 
@@ -20,7 +20,7 @@ def smoke_config():
 @pytest.fixture(scope='module')
 def repro(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('repro'))
-  return root, report.reproduce(smoke_config(), root, progress=False)
+  return root, reproduce.reproduce(smoke_config(), root, progress=False)
 
 
 def test_results_csv_has_the_exact_columns_and_every_cell(repro):
@@ -48,7 +48,7 @@ def test_report_has_every_table_and_the_figures(repro):
   assert fig.size[0] > 600 and fig.size[1] > 300
   test_count = len(report.read_csv(os.path.join(root, 'results.csv')))  # any file: just readable
   assert test_count
-  n_test = int(report.io.read_json(os.path.join(root, 'washer', 'seed0', 'ae', 'eval.json'))['num_test_images'])
+  n_test = int(io.read_json(os.path.join(root, 'washer', 'seed0', 'ae', 'eval.json'))['num_test_images'])
   for method in ('ae', 'unet', 'ae_unet'):
     pngs = os.listdir(os.path.join(root, 'figures', 'overlays', 'washer', method))
     assert len(pngs) == n_test and all(p.endswith('.png') for p in pngs)
@@ -62,7 +62,7 @@ def test_rerun_skips_finished_cells(repro, monkeypatch):
   def no_training(*args, **kwargs):
     raise AssertionError('a finished cell was trained again')
   monkeypatch.setattr(train, 'train', no_training)
-  again = report.reproduce(smoke_config(), root, progress=False)
+  again = reproduce.reproduce(smoke_config(), root, progress=False)
   assert again.cells_run == [] and again.cells_failed == [] and len(again.cells_skipped) == len(CELLS)
   assert [os.stat(p).st_mtime_ns for p in evals] == before
   assert os.path.exists(again.report_path)
@@ -71,12 +71,12 @@ def test_rerun_skips_finished_cells(repro, monkeypatch):
 def test_a_changed_config_is_not_finished(repro):
   root, _ = repro
   config = smoke_config()
-  cells, _ = report.plan(config)
+  cells, _ = reproduce.plan(config)
   other = config.copy_and_resolve_references()
   other.threshold = 0.4
   for c in cells:
-    assert report.finished_eval(c.workdir(root), report.fingerprint(report.cell_config(config, c, root)))
-    assert not report.finished_eval(c.workdir(root), report.fingerprint(report.cell_config(other, c, root)))
+    assert reproduce.finished_eval(c.workdir(root), reproduce.fingerprint(reproduce.cell_config(config, c, root)))
+    assert not reproduce.finished_eval(c.workdir(root), reproduce.fingerprint(reproduce.cell_config(other, c, root)))
 
 
 def test_plan_skips_methods_not_in_the_registry(monkeypatch):
@@ -85,11 +85,11 @@ def test_plan_skips_methods_not_in_the_registry(monkeypatch):
   config = smoke_config()
   config.methods = 'pca,unet'
   config.ablations = False
-  cells, skipped = report.plan(config)
+  cells, skipped = reproduce.plan(config)
   assert skipped == ['pca'] and [c.name for c in cells] == ['unet']
   config.methods = 'unet,nonsense'
   with pytest.raises(ValueError, match='nonsense'):
-    report.plan(config)
+    reproduce.plan(config)
 
 
 @pytest.mark.parametrize('arg', ['synthetic', 'synthetic,smoke', 'mvtec', 'mvtec,smoke', 'folder,smoke',
@@ -98,31 +98,31 @@ def test_config_loads_and_locks(arg):
   c = reproduce_config.get_config(arg)
   c.lock()
   assert isinstance(c.methods, str) and isinstance(c.seeds, str) and isinstance(c.categories, str)
-  assert report.split_list(c.methods) == ['pca', 'anogan', 'ae', 'unet', 'pi_model', 'mean_teacher', 'ae_unet']
+  assert reproduce.split_list(c.methods) == ['pca', 'anogan', 'ae', 'unet', 'pi_model', 'mean_teacher', 'ae_unet']
   if 'seeds=4' in arg:
     assert c.seeds == '4' and c.batch_size == 2
   if arg.startswith('mvtec'):
-    assert len(report.split_list(c.categories)) == 15
+    assert len(reproduce.split_list(c.categories)) == 15
   c.methods = 'ae,unet'  # what --config.methods=ae,unet sets
 
 
 def test_cell_config_sets_category_fields_and_variants(tmp_path):
   config = smoke_config()
-  brick = report.cell_config(config, report.Cell('synthetic_defects', 'brick', 1, 'unet', 'no_aug'), str(tmp_path))
-  washer = report.cell_config(config, report.Cell('synthetic_defects', 'washer', 1, 'ae_unet', 'diff'), str(tmp_path))
+  brick = reproduce.cell_config(config, reproduce.Cell('synthetic_defects', 'brick', 1, 'unet', 'no_aug'), str(tmp_path))
+  washer = reproduce.cell_config(config, reproduce.Cell('synthetic_defects', 'washer', 1, 'ae_unet', 'diff'), str(tmp_path))
   assert brick.data.texture and not washer.data.texture and brick.augment.border == 'reflect'
   assert not brick.augment.enabled and brick.seed == 1 and brick.data.split_seed == config.data.split_seed
   assert washer.model.unet_input == 'diff' and washer.ae_workdir == str(tmp_path / 'washer' / 'seed1' / 'ae')
   assert 'methods' not in washer
   config.ae_num_train_steps = 7
-  ae = report.cell_config(config, report.Cell('synthetic_defects', 'washer', 0, 'ae'), str(tmp_path))
+  ae = reproduce.cell_config(config, reproduce.Cell('synthetic_defects', 'washer', 0, 'ae'), str(tmp_path))
   assert ae.method == 'ae' and ae.num_train_steps == 7  # the AE ae_unet reuses
 
 
 def test_fingerprint_ignores_other_methods_groups(tmp_path):
   config = smoke_config()
-  cell = lambda m: report.cell_config(config, report.Cell('synthetic_defects', 'washer', 0, m), str(tmp_path))
-  before = {m: report.fingerprint(cell(m)) for m in ('unet', 'pi_model')}
+  cell = lambda m: reproduce.cell_config(config, reproduce.Cell('synthetic_defects', 'washer', 0, m), str(tmp_path))
+  before = {m: reproduce.fingerprint(cell(m)) for m in ('unet', 'pi_model')}
   config.consistency.weight = 3.0
-  assert report.fingerprint(cell('unet')) == before['unet']
-  assert report.fingerprint(cell('pi_model')) != before['pi_model']
+  assert reproduce.fingerprint(cell('unet')) == before['unet']
+  assert reproduce.fingerprint(cell('pi_model')) != before['pi_model']

@@ -1,19 +1,27 @@
-"""The method registry: a new method is one file and one line here."""
+"""The method registry, in the paper's order (Table 2's columns): a new method is one file and one line here."""
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable
 
 # name -> module path; each module has ``create(config, ctx) -> Method``.
 REGISTRY = {
-    'ae': 'semiseg.methods.autoencoder',
-    'unet': 'semiseg.methods.unet',
-    'ae_unet': 'semiseg.methods.ae_unet',
     'pca': 'semiseg.methods.pca',
     'anogan': 'semiseg.methods.anogan',
+    'ae': 'semiseg.methods.autoencoder',
+    'unet': 'semiseg.methods.unet',
     'pi_model': 'semiseg.methods.pi_model',
     'mean_teacher': 'semiseg.methods.mean_teacher',
+    'ae_unet': 'semiseg.methods.ae_unet',
 }
+METHODS = tuple(REGISTRY)  # the paper's order
+
+
+def paper_order(names: Iterable[str]) -> list[str]:
+  """``names`` without repeats: registry methods in the paper's order, then any others sorted."""
+  names = set(names)
+  return [m for m in METHODS if m in names] + sorted(names - set(METHODS))
 
 
 def _module(config):

@@ -1,0 +1,103 @@
+"""Figures: overlays of a score map on its image, the paper's Figure 6 grids, PNG files (written atomically)."""
+
+from __future__ import annotations
+
+import io as _io
+import math
+import os
+from collections import defaultdict
+
+import numpy as np
+
+from semiseg import io
+from semiseg.paper_results import COLUMN_NAMES
+
+
+def write_png(path: str, image_HxWxC: np.ndarray) -> None:
+  """A uint8 (or uint16 grayscale) array as a PNG file."""
+  from PIL import Image
+  buf = _io.BytesIO()
+  Image.fromarray(image_HxWxC).save(buf, format='PNG')
+  io.write_bytes_atomic(path, buf.getvalue())
+
+
+def overlay_image(image_HxWx3: np.ndarray, score_HxW: np.ndarray, pred_HxW: np.ndarray,
+                  mask_HxW: np.ndarray | None = None, vmax: float = 1.0, min_side: int = 256) -> np.ndarray:
+  """The image under a jet heat map of the score (0..vmax), ground truth contour green, prediction red.
+
+  Small images are enlarged (nearest, integer factor) to at least ``min_side`` so contours stay visible.
+  """
+  from matplotlib import colormaps
+  from skimage.segmentation import find_boundaries
+  f = max(1, math.ceil(min_side / max(1, min(image_HxWx3.shape[:2]))))
+  up = lambda a: np.repeat(np.repeat(a, f, axis=0), f, axis=1)
+  image = up(image_HxWx3).astype(np.float32) / 255.0
+  s = np.clip(up(score_HxW).astype(np.float32) / max(vmax, 1e-12), 0.0, 1.0)
+  alpha = (0.15 + 0.55 * s)[..., None]  # low scores keep the image visible, high ones show the heat
+  out = (1 - alpha) * image + alpha * colormaps['jet'](s)[..., :3]
+  width = max(1, f // 2)
+  for m, color in ((pred_HxW, (1.0, 0.0, 0.0)), (mask_HxW, (0.0, 1.0, 0.0))):  # ground truth on top
+    if m is not None and m.any():
+      edge = find_boundaries(up(m.astype(bool)), mode='inner')
+      if width > 1:
+        from scipy import ndimage
+        edge = ndimage.binary_dilation(edge, iterations=width - 1)
+      out[edge] = color
+  return (np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
+def save_overlay(path: str, *args, **kwargs) -> None:
+  write_png(path, overlay_image(*args, **kwargs))
+
+
+def figure6(path: str, images: np.ndarray, masks: np.ndarray, reconstruction: np.ndarray | None,
+            predictions: dict[str, np.ndarray], titles: list[str]) -> None:
+  """A Figure 6 grid: one row per image; original, AE reconstruction, difference, GT, each method."""
+  import matplotlib
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+  n = len(images)
+  cols = [('original', images, None)]
+  if reconstruction is not None:
+    diff = np.abs(images.astype(np.float32) - reconstruction.astype(np.float32)).mean(-1)
+    diff /= np.maximum(diff.reshape(n, -1).max(1), 1e-6)[:, None, None]
+    cols += [('AE reconstruction', reconstruction, None), ('difference', diff, 'inferno')]
+  cols.append(('ground truth', masks, 'gray'))
+  cols += [(COLUMN_NAMES.get(m, m).replace('^', ''), p, 'gray') for m, p in predictions.items()]
+  fig, axes = plt.subplots(n, len(cols), figsize=(1.7 * len(cols), 1.8 * n + 0.3), squeeze=False)
+  for j, (title, arrays, cmap) in enumerate(cols):
+    for i in range(n):
+      ax = axes[i, j]
+      a = arrays[i]
+      ax.imshow(a, cmap=cmap, vmin=0, vmax=1 if cmap else None, interpolation='nearest')
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if i == 0:
+        ax.set_title(title, fontsize=8)
+      if j == 0:
+        ax.set_ylabel(titles[i], fontsize=6)
+  fig.tight_layout(pad=0.3)
+  buf = _io.BytesIO()
+  fig.savefig(buf, format='png', dpi=110)
+  plt.close(fig)
+  io.write_bytes_atomic(path, buf.getvalue())
+
+
+def figure_indices(defect_types: list[str], masks: np.ndarray, n: int) -> list[int]:
+  """Up to ``n`` defective test images, one per defect type in turn (deterministic)."""
+  by_type: dict[str, list[int]] = defaultdict(list)
+  for i, t in enumerate(defect_types):
+    if masks[i].any():
+      by_type[t].append(i)
+  out, k = [], 0
+  while len(out) < n and any(k < len(v) for v in by_type.values()):
+    out += [v[k] for _, v in sorted(by_type.items()) if k < len(v)][:n - len(out)]
+    k += 1
+  return sorted(out)
+
+
+def flat_name(filename: str) -> str:
+  """'test/crack/003.png' -> 'crack_003' (a file name for an overlay)."""
+  parts = filename.split('/')
+  stem = os.path.splitext('_'.join(parts[1:] if parts[0] in ('test', 'train') else parts))[0]
+  return stem.replace(os.sep, '_')

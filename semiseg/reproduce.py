@@ -1,0 +1,346 @@
+"""The experiment grid: every (category, method, variant, seed) cell trained and evaluated once, resumable.
+
+A cell's eval.json is written last and carries a fingerprint of the cell's config, so a rerun skips
+finished cells and redoes stale ones; then results.csv, timing.csv, report.md (semiseg/report.py) and
+figures/ (semiseg/figures.py) are written from the files of the finished cells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import io as _io
+import json
+import logging
+import os
+from typing import Any
+
+import importlib
+import importlib.util
+
+import jax
+import numpy as np
+from ml_collections import config_dict
+from tqdm.auto import tqdm
+
+from semiseg import evaluate, figures, io, report, sharding, train
+from semiseg.data import layout, pipeline
+from semiseg import methods
+from semiseg.report import MAIN
+
+log = logging.getLogger(__name__)
+
+GRID_KEYS = ('categories', 'methods', 'seeds', 'ablations', 'overlay_category', 'figure_images')
+DATASET_CONFIG = {'synthetic_defects': 'configs.synthetic', 'mvtec_ad': 'configs.mvtec', 'folder': 'configs.folder'}
+# Run config keys that do not change a cell's result (paths, logging, checkpoint cadence).
+_NOT_FINGERPRINTED = ('ae_workdir', 'data.root', 'data.data_dir', 'data.prefetch', 'log_every_steps', 'ckpt')
+# Config groups read by some methods only: a change there does not make the other cells stale.
+_METHOD_GROUPS = {'pca': ('pca',), 'anogan': ('anogan',), 'consistency': ('pi_model', 'mean_teacher')}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  dataset: str
+  category: str
+  seed: int
+  method: str
+  variant: str = MAIN  # 'main' | 'no_aug' | 'diff'
+
+  @property
+  def name(self) -> str:
+    return self.method if self.variant == MAIN else f'{self.method}_{self.variant}'
+
+  def workdir(self, root: str) -> str:
+    return os.path.join(root, self.category, f'seed{self.seed}', self.name)
+
+
+def split_list(text: str) -> list[str]:
+  return [t.strip() for t in str(text or '').split(',') if t.strip()]
+
+
+def available_methods(names: list[str]) -> tuple[list[str], list[str]]:
+  """(runnable, skipped): names not in the registry (or whose module is missing) are skipped."""
+  unknown = [m for m in names if m not in methods.REGISTRY and m not in methods.METHODS]
+  if unknown:
+    raise ValueError(f'config.methods: unknown method(s) {unknown}; choose from {list(methods.METHODS)}.')
+  ok, skipped = [], []
+  for m in names:
+    try:
+      found = m in methods.REGISTRY and importlib.util.find_spec(methods.REGISTRY[m]) is not None
+    except ImportError:
+      found = False
+    (ok if found else skipped).append(m)
+  return ok, skipped
+
+
+def resolve_categories(config) -> list[str]:
+  cats = split_list(config.categories)
+  if cats:
+    return cats
+  if config.data.name == 'folder':
+    if not config.data.root:
+      raise ValueError('configs/reproduce.py:folder needs --config.data.root (or --config.categories).')
+    return layout.list_categories(config.data.root)
+  raise ValueError('config.categories is empty.')
+
+
+def plan(config) -> tuple[list[Cell], list[str]]:
+  """Every cell to run, in an order where each AE comes before the cells that reuse it."""
+  requested, skipped = available_methods(split_list(config.methods))
+  names = list(requested)
+  if config.ablations:
+    for m in ('unet', 'ae_unet'):  # Table 4's 'Data Aug' and 'Original + Diff' columns
+      if m not in names and available_methods([m])[0]:
+        names.append(m)
+  if 'ae_unet' in names and 'ae' not in names:
+    names.append('ae')  # trained anyway (reused by ae_unet); evaluated too, for Figure 6
+  names = methods.paper_order(names)
+  names.sort(key=lambda m: m != 'ae')  # the AE first: ae_unet cells reuse it
+  seeds = [int(s) for s in split_list(config.seeds)]
+  if not seeds:
+    raise ValueError('config.seeds is empty; e.g. --config.seeds=0,1,2.')
+  cells = []
+  for category in resolve_categories(config):
+    for seed in seeds:
+      for m in names:
+        cells.append(Cell(config.data.name, category, seed, m))
+      if config.ablations:
+        if 'unet' in names:
+          cells.append(Cell(config.data.name, category, seed, 'unet', 'no_aug'))
+        if 'ae_unet' in names:
+          cells.append(Cell(config.data.name, category, seed, 'ae_unet', 'diff'))
+  return cells, skipped
+
+
+def category_fields(dataset: str, category: str) -> dict[str, Any]:
+  """The fields a dataset config sets from the category (texture handling, border, flips)."""
+  if dataset == 'folder':
+    return {}
+  c = importlib.import_module(DATASET_CONFIG[dataset]).get_config(category)
+  return {'data.texture': c.data.texture, 'augment.border': c.augment.border,
+          'augment.flip_x': c.augment.flip_x, 'augment.flip_y': c.augment.flip_y}
+
+
+def cell_config(config, cell: Cell, root: str) -> config_dict.ConfigDict:
+  """The run config of one cell: the grid keys dropped, category, method, seed and variant set."""
+  d = config.to_dict()
+  for k in GRID_KEYS:
+    d.pop(k, None)
+  c = config_dict.ConfigDict(d, type_safe=False)
+  c.data.category = cell.category
+  for key, value in category_fields(cell.dataset, cell.category).items():
+    group, leaf = key.split('.')
+    c[group][leaf] = value
+  c.method, c.seed = cell.method, cell.seed
+  if cell.variant == 'no_aug':
+    c.augment.enabled = False
+  elif cell.variant == 'diff':
+    c.model.unet_input = 'diff'
+  elif cell.variant != MAIN:
+    raise ValueError(f'unknown variant {cell.variant!r}')
+  if cell.method == 'ae_unet':
+    c.ae_workdir = Cell(cell.dataset, cell.category, cell.seed, 'ae').workdir(root)
+  if cell.method == 'ae':  # exactly the AE that ae_unet expects (ae_num_train_steps, ae_batch_size)
+    c = train.ae_config_for(c)
+  return c
+
+
+def fingerprint(config) -> str:
+  """A hash of what decides a cell's result (paths, logging and other methods' groups left out)."""
+  d = json.loads(config.to_json_best_effort())
+  ignored = _NOT_FINGERPRINTED + tuple(g for g, users in _METHOD_GROUPS.items() if config.method not in users)
+  for key in ignored:
+    node = d
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node.get(p, {})
+    node.pop(leaf, None)
+  return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def finished_eval(workdir: str, fp: str) -> dict | None:
+  """The cell's eval.json when it was written by a finished cell of the same config, else None."""
+  path = os.path.join(workdir, 'eval.json')
+  try:
+    ev = io.read_json(path)
+  except (FileNotFoundError, ValueError):
+    return None
+  return ev if (ev.get('reproduce') or {}).get('fingerprint') == fp else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Running.
+
+@dataclasses.dataclass
+class ReproduceResult:
+  rows: list[dict]
+  timing: list[dict]
+  report_path: str
+  cells_run: list[str]
+  cells_skipped: list[str]  # finished before this run
+  cells_failed: list[tuple[str, str]]  # (cell, error): left for a rerun
+  skipped_methods: list[str]  # not in the registry
+
+
+def _is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def _save_npz(path: str, **arrays) -> None:
+  if not _is_main():
+    return
+  buf = _io.BytesIO()
+  np.savez_compressed(buf, **arrays)
+  io.write_bytes_atomic(path, buf.getvalue())
+
+
+def _category_inputs(root: str, category: str, data, n: int) -> None:
+  """Originals and masks of the Figure 6 test images, so the report is rebuilt from files alone."""
+  idx = figures.figure_indices(data.test.defect_types, data.test.masks, n)
+  _save_npz(os.path.join(root, category, 'figure_inputs.npz'), indices=np.asarray(idx, np.int64),
+            images=data.test.images[idx], masks=data.test.masks[idx, ..., 0],
+            filenames=np.asarray([data.test.filenames[i] for i in idx]))
+
+
+def run_cell(cell: Cell, config, root: str, data, mesh, overlay_dir: str | None, progress: bool) -> dict:
+  """Trains (or resumes) one cell, evaluates it, writes its figure maps, overlays and eval.json (last)."""
+  wd = cell.workdir(root)
+  result = train.train(config, wd, mesh=mesh, data=data, progress=progress)
+  if _is_main() and not os.path.exists(os.path.join(wd, 'split.json')):
+    io.write_json_atomic(os.path.join(wd, 'split.json'), data.manifest)
+  held: dict[str, np.ndarray] = {}
+  ev = evaluate.evaluate(result.method, result.state, result.data, result.ctx, result.mesh, config,
+                         workdir=None, score_sink=lambda k, s: held.__setitem__(k, s) if k == 'test' else None)
+  scores = held.pop('test')
+  inputs = np.load(os.path.join(root, cell.category, 'figure_inputs.npz'))
+  idx = inputs['indices']
+  maps = {'scores': scores[idx].astype(np.float16), 'threshold': np.float32(ev['threshold'])}
+  if result.method.reconstruct is not None and len(idx):
+    recon = evaluate.Predictor(result.method, result.state, result.ctx, result.mesh, len(idx),
+                               fn=result.method.reconstruct)(data.test.images[idx])
+    maps['reconstruction'] = (np.clip(recon, 0, 1) * 255 + 0.5).astype(np.uint8)
+  _save_npz(os.path.join(wd, 'figure_maps.npz'), **maps)
+  if overlay_dir is not None and _is_main():
+    folder = os.path.join(overlay_dir, cell.name)
+    vmax = 1.0 if result.method.score_kind == 'probability' else max(
+        2.0 * ev['threshold'], float(np.percentile(scores, 99.9)))
+    for i, name in enumerate(data.test.filenames):
+      figures.save_overlay(os.path.join(folder, figures.flat_name(name) + '.png'), data.test.images[i], scores[i],
+                   scores[i] >= ev['threshold'], data.test.masks[i, ..., 0], vmax=vmax)
+  del scores, held
+  ev['reproduce'] = {'cell': cell.name, 'variant': cell.variant, 'fingerprint': fingerprint(config)}
+  if _is_main():  # last: its presence marks the cell finished
+    io.write_json_atomic(os.path.join(wd, 'eval.json'), ev)
+  return ev
+
+
+def reproduce(config, workdir: str, progress: bool = True) -> ReproduceResult:
+  """Runs every cell of ``config``'s grid not finished yet in ``workdir``, then writes the report."""
+  with io.workdir_lock(workdir):
+    return _reproduce_locked(config, workdir, progress)
+
+
+def _reproduce_locked(config, root: str, progress: bool) -> ReproduceResult:
+  cells, skipped_methods = plan(config)
+  for m in skipped_methods:
+    log.warning('Method %r is not in semiseg.methods.REGISTRY yet: skipped (its columns stay empty).', m)
+  categories = list(dict.fromkeys(c.category for c in cells))
+  overlay_category = config.overlay_category or categories[0]
+  first_seed = min(c.seed for c in cells)
+  mesh = sharding.create_mesh()
+  run, done, failed = [], [], []
+  bar = tqdm(total=len(cells), desc='cells', unit='cell', disable=not progress, dynamic_ncols=True)
+  try:
+    for category in categories:
+      todo = [c for c in cells if c.category == category]
+      configs = {c: cell_config(config, c, root) for c in todo}
+      pending = [c for c in todo if finished_eval(c.workdir(root), fingerprint(configs[c])) is None]
+      done += [c.name for c in todo if c not in pending]
+      bar.update(len(todo) - len(pending))
+      if not pending and os.path.exists(os.path.join(root, category, 'figure_inputs.npz')):
+        continue
+      data = pipeline.load_category(configs[todo[0]].data, os.path.join(root, category))
+      _category_inputs(root, category, data, int(config.figure_images))
+      for cell in pending:
+        bar.set_postfix_str(f'{category}/seed{cell.seed}/{cell.name}')
+        overlays = (os.path.join(root, 'figures', 'overlays', category)
+                    if category == overlay_category and cell.seed == first_seed and cell.variant == MAIN else None)
+        where = f'{category}/seed{cell.seed}/{cell.name}'
+        try:
+          run_cell(cell, configs[cell], root, data, mesh, overlays, progress)
+          run.append(where)
+        except Exception as e:  # one broken cell (e.g. a non-finite loss) does not stop the grid
+          log.exception('Cell %s failed; the others go on. Rerun to retry it.', where)
+          failed.append((where, f'{type(e).__name__}: {e}'.splitlines()[0]))
+        bar.update(1)
+      del data
+      gc.collect()
+  finally:
+    bar.close()
+  return write_report(config, root, cells, run, done, failed, skipped_methods, overlay_category)
+
+
+def collect(config, root: str, cells: list[Cell]) -> tuple[list[dict], list[dict], dict[str, dict]]:
+  """(results rows, timing rows, counts per category) from the eval.json files of the cells finished
+  with this config (a stale eval.json of another config is left out)."""
+  rows, timing, counts = [], [], {}
+  for c in cells:
+    ev = finished_eval(c.workdir(root), fingerprint(cell_config(config, c, root)))
+    if ev is None:
+      continue
+    rows += report.rows_from_eval(ev, c.dataset, c.category, c.method, c.variant, c.seed)
+    timing.append(report.timing_from_eval(ev, c.dataset, c.category, c.method, c.variant, c.seed))
+    counts.setdefault(c.category, {'unlabeled': ev['num_unlabeled_images'], 'labeled': ev['num_labeled_images'],
+                                   'test': ev['num_test_images'] * ev.get('test_tiles_per_image', 1)})
+  return rows, timing, counts
+
+
+def write_figures(root: str, cells: list[Cell]) -> dict[str, str]:
+  """figures/fig6_<category>.png from the saved figure inputs and maps; {category: relative path}."""
+  out = {}
+  for category in dict.fromkeys(c.category for c in cells):
+    inputs_path = os.path.join(root, category, 'figure_inputs.npz')
+    if not os.path.exists(inputs_path):
+      continue
+    inputs = np.load(inputs_path)
+    if not len(inputs['indices']):
+      continue
+    seed = min(c.seed for c in cells if c.category == category)
+    recon, preds = None, {}
+    for c in cells:
+      if c.category != category or c.seed != seed or c.variant != MAIN:
+        continue
+      path = os.path.join(c.workdir(root), 'figure_maps.npz')
+      if not os.path.exists(path):
+        continue
+      maps = np.load(path)
+      preds[c.method] = maps['scores'].astype(np.float32) >= float(maps['threshold'])
+      if 'reconstruction' in maps and (recon is None or c.method == 'ae'):
+        recon = maps['reconstruction']
+    titles = [figures.flat_name(str(f)) for f in inputs['filenames']]
+    rel = os.path.join('figures', f'fig6_{category}.png')
+    figures.figure6(os.path.join(root, rel), inputs['images'], inputs['masks'], recon,
+                    {m: preds[m] for m in methods.paper_order(preds)}, titles)
+    out[category] = rel
+  return out
+
+
+def write_report(config, root: str, cells: list[Cell], run: list[str], done: list[str],
+                 failed: list[tuple[str, str]], skipped_methods: list[str],
+                 overlay_category: str) -> ReproduceResult:
+  rows, timing, counts = collect(config, root, cells)
+  path = os.path.join(root, 'report.md')
+  if not _is_main():
+    return ReproduceResult(rows, timing, path, run, done, failed, skipped_methods)
+  report.write_csv(os.path.join(root, 'results.csv'), rows, report.RESULT_COLUMNS)
+  report.write_csv(os.path.join(root, 'timing.csv'), timing, report.TIMING_COLUMNS)
+  figure_paths = write_figures(root, cells)
+  notes = [f'{m}: not in the method registry yet, skipped.' for m in skipped_methods]
+  notes += [f'cell {where} failed ({why}); rerun to retry it.' for where, why in failed]
+  overlay_rel = os.path.join('figures', 'overlays', overlay_category)
+  text = report.build_markdown(dataset=config.data.name, rows=rows, timing=timing, counts=counts,
+                               figures=figure_paths, notes=notes,
+                               overlay_dir=overlay_rel if os.path.isdir(os.path.join(root, overlay_rel)) else None)
+  io.write_text_atomic(path, text + '\n')
+  return ReproduceResult(rows, timing, path, run, done, failed, skipped_methods)
