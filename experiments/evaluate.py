@@ -7,7 +7,7 @@ Usage:
 from absl import app
 
 from experiments import _main
-from semiseg import evaluate, train
+from semiseg import evaluate, restore
 
 _main.define_flags()
 
@@ -16,7 +16,7 @@ def main(argv):
   del argv
   _main.start()
   config = _main.FLAGS.config
-  method, state, data, ctx, mesh = train.restore_trained(config, _main.FLAGS.workdir)
+  method, state, data, ctx, mesh = restore.restore_trained(config, _main.FLAGS.workdir)
   out = evaluate.evaluate(method, state, data, ctx, mesh, config, _main.FLAGS.workdir)
   print(evaluate.format_table([out]))
 

@@ -8,10 +8,10 @@ import os
 from typing import Iterator
 
 import numpy as np
-from ml_collections import config_dict
 from PIL import Image
+from tqdm.auto import tqdm
 
-from semiseg import figures, io, report
+from semiseg import evaluate, figures, io, report, restore
 from semiseg.data import layout
 
 log = logging.getLogger(__name__)
@@ -46,23 +46,9 @@ def output_stem(file: str, input_path: str) -> str:
   return os.path.splitext(rel)[0].replace(os.sep, '__')
 
 
-def prediction_config(config, workdir: str) -> config_dict.ConfigDict:
-  """``config`` with ``ae_workdir`` pointing at the trained AE, so that prediction never trains one:
-  the one recorded in the workdir's run_info.json, else ``<workdir>/ae``."""
-  c = config_dict.ConfigDict(config.to_dict(), type_safe=False)
-  if not c.get('ae_workdir'):  # only ae_unet reads it; the others ignore it
-    recorded = None
-    path = os.path.join(workdir, 'run_info.json')
-    if os.path.exists(path):
-      recorded = (io.read_json(path).get('config') or {}).get('ae_workdir')
-    c.ae_workdir = recorded or os.path.join(workdir, 'ae')
-  return c
-
-
 def choose_threshold(method, config, workdir: str, data, predictor) -> tuple[float, str]:
   """config.threshold for probability maps; for anomaly scores the workdir's eval.json threshold,
   else the paper's rule (max TPR - FPR) fitted on the labeled images."""
-  from semiseg import evaluate
   if method.score_kind != 'anomaly':
     return float(config.threshold), 'config.threshold (probability map)'
   path = os.path.join(workdir, 'eval.json')
@@ -106,11 +92,8 @@ def predict(config, workdir: str, input_path: str, out_dir: str, progress: bool 
   Images are resized to the stored size (textures: 2x the network input, then tiled by the
   Predictor), predicted, and the score map resized back bilinearly before thresholding.
   """
-  from tqdm.auto import tqdm
-  from semiseg import evaluate, train
   files = list_inputs(input_path)
-  config = prediction_config(config, workdir)
-  method, state, data, ctx, mesh = train.restore_trained(config, workdir)
+  method, state, data, ctx, mesh = restore.restore_trained(config, workdir)  # never trains
   predictor = evaluate.Predictor(method, state, ctx, mesh, config.eval_batch_size)
   threshold, source = choose_threshold(method, config, workdir, data, predictor)
   del data  # only needed for a fitted threshold

@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 GRID_KEYS = ('categories', 'methods', 'seeds', 'ablations', 'overlay_category', 'figure_images')
 DATASET_CONFIG = {'synthetic_defects': 'configs.synthetic', 'mvtec_ad': 'configs.mvtec', 'folder': 'configs.folder'}
-# Run config keys that do not change a cell's result (paths, logging, checkpoint cadence).
-_NOT_FINGERPRINTED = ('ae_workdir', 'data.root', 'data.data_dir', 'data.prefetch', 'log_every_steps', 'ckpt')
+# Run config keys that do not change a cell's result (paths, logging, checkpoint cadence; and the
+# prerequisites' workdirs, _prerequisite_keys).
+_NOT_FINGERPRINTED = ('data.root', 'data.data_dir', 'data.prefetch', 'log_every_steps', 'ckpt')
 # Config groups read by some methods only: a change there does not make the other cells stale.
 _METHOD_GROUPS = {'pca': ('pca',), 'anogan': ('anogan',), 'consistency': ('pi_model', 'mean_teacher')}
 
@@ -85,18 +86,28 @@ def resolve_categories(config) -> list[str]:
   raise ValueError('config.categories is empty.')
 
 
+def _declared(config, method: str) -> dict:
+  """{name: Prerequisite} that ``method`` declares, asked with ``config`` as that method's run config."""
+  c = config_dict.ConfigDict(config.to_dict(), type_safe=False)
+  c.method = method
+  return methods.prerequisites(c)
+
+
 def plan(config) -> tuple[list[Cell], list[str]]:
-  """Every cell to run, in an order where each AE comes before the cells that reuse it."""
+  """Every cell to run, each prerequisite (ae_unet's AE) before the cells that declare it.
+
+  A prerequisite is a cell of its own: trained once per (category, seed) and reused by every cell
+  that declares it, and evaluated too (the AE's Table 2 column and Figure 6's reconstruction).
+  """
   requested, skipped = available_methods(split_list(config.methods))
   names = list(requested)
   if config.ablations:
     for m in ('unet', 'ae_unet'):  # Table 4's 'Data Aug' and 'Original + Diff' columns
       if m not in names and available_methods([m])[0]:
         names.append(m)
-  if 'ae_unet' in names and 'ae' not in names:
-    names.append('ae')  # trained anyway (reused by ae_unet); evaluated too, for Figure 6
-  names = methods.paper_order(names)
-  names.sort(key=lambda m: m != 'ae')  # the AE first: ae_unet cells reuse it
+  needed = {req.config.method for m in names for req in _declared(config, m).values()}
+  names = methods.paper_order(names + sorted(needed))
+  names.sort(key=lambda m: m not in needed)  # prerequisites first
   seeds = [int(s) for s in split_list(config.seeds)]
   if not seeds:
     raise ValueError('config.seeds is empty; e.g. --config.seeds=0,1,2.')
@@ -122,8 +133,8 @@ def category_fields(dataset: str, category: str) -> dict[str, Any]:
           'augment.flip_x': c.augment.flip_x, 'augment.flip_y': c.augment.flip_y}
 
 
-def cell_config(config, cell: Cell, root: str) -> config_dict.ConfigDict:
-  """The run config of one cell: the grid keys dropped, category, method, seed and variant set."""
+def _run_config(config, cell: Cell) -> config_dict.ConfigDict:
+  """The grid keys dropped; category, method, seed and variant of ``cell`` set."""
   d = config.to_dict()
   for k in GRID_KEYS:
     d.pop(k, None)
@@ -139,17 +150,33 @@ def cell_config(config, cell: Cell, root: str) -> config_dict.ConfigDict:
     c.model.unet_input = 'diff'
   elif cell.variant != MAIN:
     raise ValueError(f'unknown variant {cell.variant!r}')
-  if cell.method == 'ae_unet':
-    c.ae_workdir = Cell(cell.dataset, cell.category, cell.seed, 'ae').workdir(root)
-  if cell.method == 'ae':  # exactly the AE that ae_unet expects (ae_num_train_steps, ae_batch_size)
-    c = train.ae_config_for(c)
   return c
+
+
+def cell_config(config, cell: Cell, root: str) -> config_dict.ConfigDict:
+  """The run config of one cell. A cell that declares prerequisites points at their cells' workdirs
+  (so it restores them, never trains them); the cell of a prerequisite runs exactly the config its
+  dependents declare for it (ae: ae_unet's, with ae_num_train_steps)."""
+  c = _run_config(config, cell)
+  for req in methods.prerequisites(c).values():
+    c[req.workdir_key] = dataclasses.replace(cell, method=req.config.method, variant=MAIN).workdir(root)
+  if cell.variant == MAIN:
+    for dependent in methods.METHODS:
+      for req in _declared(c, dependent).values():
+        if dependent != cell.method and req.config.method == cell.method:
+          return req.config
+  return c
+
+
+def _prerequisite_keys(config) -> tuple[str, ...]:
+  """Config keys naming a prerequisite's workdir, of any method: paths, not results."""
+  return tuple(sorted({req.workdir_key for m in methods.METHODS for req in _declared(config, m).values()}))
 
 
 def fingerprint(config) -> str:
   """A hash of what decides a cell's result (paths, logging and other methods' groups left out)."""
   d = json.loads(config.to_json_best_effort())
-  ignored = _NOT_FINGERPRINTED + tuple(g for g, users in _METHOD_GROUPS.items() if config.method not in users)
+  ignored = _NOT_FINGERPRINTED + _prerequisite_keys(config) + tuple(g for g, users in _METHOD_GROUPS.items() if config.method not in users)
   for key in ignored:
     node = d
     *parents, leaf = key.split('.')

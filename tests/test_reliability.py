@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from configs import synthetic
-from semiseg import io, sharding, train
+from semiseg import io, restore, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARG = 'washer,smoke,method=unet,num_train_steps=40'  # 32 px, tiny U-Net
@@ -167,7 +167,7 @@ def test_kill_and_rerun_ends_with_the_straight_runs_parameters_and_a_second_run_
   rerun = run_cli(cmd)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert 'Resumed unet from step' in rerun.stderr
-  _, state, *_ = train.restore_trained(config_40(), wd)
+  _, state, *_ = restore.restore_trained(config_40(), wd)
   assert int(state.step) == 40
   assert_same_bits(state, straight[1])
 
@@ -197,7 +197,7 @@ def test_damaged_latest_checkpoint_falls_back_and_the_run_finishes_the_same(stra
   _damage(os.path.join(wd, 'ckpt', '40'), how)
   config = config_40()
   with caplog.at_level(logging.WARNING, logger='semiseg.checkpoint'):
-    _, state, *_ = train.restore_trained(config, wd)
+    _, state, *_ = restore.restore_trained(config, wd)
   assert int(state.step) == 36
   ckpt = os.path.join(os.path.abspath(wd), 'ckpt')
   assert f'Restored checkpoint {ckpt}/36 instead of the newer {ckpt}/40' in caplog.text
@@ -219,7 +219,7 @@ def test_every_checkpoint_damaged_is_an_error_naming_the_folder(straight, tmp_pa
   for step in (36, 40):
     _damage(os.path.join(wd, 'ckpt', str(step)), 'truncate')
   with pytest.raises(RuntimeError, match=r'No checkpoint in .*ckpt could be restored \(tried steps \[40, 36\]\)'):
-    train.restore_trained(config_40(), wd)
+    restore.restore_trained(config_40(), wd)
 
 
 def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -92,6 +92,13 @@ def test_plan_skips_methods_not_in_the_registry(monkeypatch):
     reproduce.plan(config)
 
 
+def test_plan_puts_declared_prerequisites_first():
+  config = smoke_config()
+  config.methods, config.ablations = 'ae_unet,unet', False
+  cells, _ = reproduce.plan(config)
+  assert [c.name for c in cells] == ['ae', 'unet', 'ae_unet']  # ae_unet declares its AE: a cell of its own
+
+
 @pytest.mark.parametrize('arg', ['synthetic', 'synthetic,smoke', 'mvtec', 'mvtec,smoke', 'folder,smoke',
                                  'synthetic,smoke,seeds=4,batch_size=2'])
 def test_config_loads_and_locks(arg):

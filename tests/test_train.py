@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from semiseg import evaluate, train
+from semiseg import evaluate, restore, train
 
 
 def unet_config(steps):
@@ -47,6 +47,17 @@ def test_smoke_twice_in_one_workdir_resumes_and_evaluates(tmp_path):
   assert 0.0 <= out['test']['defect_iou'] <= 1.0 and out['num_test_images'] == len(r2.data.test)
   info = json.load(open(os.path.join(wd, 'run_info.json')))
   assert info['config']['method'] == 'ae_unet' and info['devices']
+  _, state, *_ = restore.restore_trained(config, wd)  # the AE restored from <workdir>/ae
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(r2.state)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_restoring_never_trains_a_missing_prerequisite(tmp_path):
+  config = synthetic.get_config('washer,smoke')  # ae_unet, whose AE was never trained here
+  with pytest.raises(FileNotFoundError, match="prerequisite 'ae' trained there first .*--config.method=ae "
+                                              f"--workdir {tmp_path / 'run' / 'ae'}"):
+    restore.restore_trained(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run' / 'ae' / 'ckpt')
 
 
 def test_ae_workdir_without_checkpoint_is_a_clear_error(tmp_path):

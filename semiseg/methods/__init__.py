@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterable
 
-# name -> module path; each module has ``create(config, ctx) -> Method``.
+# name -> module path. Each module has ``create(config, ctx) -> Method``, optionally ``validate(config)``
+# (values its models cannot take) and ``prerequisites(config)`` (methods to train first; then it is
+# ``create(config, ctx, trained)``, see base.Prerequisite).
 REGISTRY = {
     'pca': 'semiseg.methods.pca',
     'anogan': 'semiseg.methods.anogan',
@@ -38,6 +40,19 @@ def validate_method(config) -> None:
     validate(config)
 
 
-def create_method(config, ctx):
-  """Builds the method named by ``config.method``."""
-  return _module(config).create(config, ctx)
+def prerequisites(config) -> dict:
+  """{name: base.Prerequisite} that ``config.method`` needs trained before it is created; mostly empty."""
+  declare = getattr(_module(config), 'prerequisites', None)
+  return {} if declare is None else declare(config)
+
+
+def create_method(config, ctx, trained: dict | None = None):
+  """Builds the method named by ``config.method``; ``trained`` holds its finished prerequisites."""
+  needs = prerequisites(config)
+  if not needs:
+    return _module(config).create(config, ctx)
+  missing = sorted(set(needs) - set(trained or {}))
+  if missing:
+    raise ValueError(f'{config.method} needs {missing} trained first; semiseg.train.train trains them, '
+                     'semiseg.restore.restore_trained restores them.')
+  return _module(config).create(config, ctx, {name: trained[name] for name in needs})

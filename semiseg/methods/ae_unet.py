@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import logging
-import os
+from collections.abc import Mapping
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import optax
+from ml_collections import config_dict
 
 from semiseg import augment
 from semiseg.methods import autoencoder, base, unet
 from semiseg.models.autoencoder import ConvAutoencoder
 from semiseg.models.unet import UNet
-
-log = logging.getLogger(__name__)
 
 INPUTS = ('image', 'diff', 'image+diff')  # the paper's Table 4 ablation
 
@@ -23,6 +21,8 @@ INPUTS = ('image', 'diff', 'image+diff')  # the paper's Table 4 ablation
 def validate(config) -> None:
   unet.validate(config)
   autoencoder.validate(config)
+  if config.model.unet_input not in INPUTS:
+    raise ValueError(f'config.model.unet_input must be one of {INPUTS}, got {config.model.unet_input!r}.')
 
 
 def unet_input(images_BxHxWx3: jax.Array, ae_params, ae_model: ConvAutoencoder, mode: str) -> jax.Array:
@@ -63,28 +63,29 @@ def init(key: jax.Array, *, model: UNet, tx, image_size: int, in_channels: int, 
   return unet.init(key, model=model, tx=tx, image_size=image_size, in_channels=in_channels, extras=extras)
 
 
-def ae_workdir_for(config, workdir: str | None) -> str:
-  if config.ae_workdir:
-    return config.ae_workdir
-  if workdir is None:
-    raise ValueError('ae_unet needs config.ae_workdir (a trained AE) or a workdir to train one in.')
-  return os.path.join(workdir, 'ae')
+def ae_config(config) -> config_dict.ConfigDict:
+  """The AE that ae_unet uses: its own config as method 'ae' (same data, seed and sizes), trained for
+  ``ae_num_train_steps`` when set."""
+  ae = config_dict.ConfigDict(config.to_dict(), type_safe=False)
+  ae.method = 'ae'
+  if config.get('ae_num_train_steps'):
+    ae.num_train_steps = config.ae_num_train_steps
+  return ae
 
 
-def create(config, ctx: base.MethodContext) -> base.Method:
-  from semiseg import train  # The AE is trained (or restored) through the same loop.
-  if config.model.unet_input not in INPUTS:
-    raise ValueError(f'config.model.unet_input must be one of {INPUTS}, got {config.model.unet_input!r}.')
-  ae_state = train.ensure_trained(train.ae_config_for(config), ae_workdir_for(config, ctx.workdir),
-                                  train_if_missing=not config.ae_workdir, data=ctx.data)
-  return create_with_ae(config, ctx, ae_state.params)
+def prerequisites(config) -> dict[str, base.Prerequisite]:
+  """A trained AE (paper 3.2): in ``config.ae_workdir`` when set, else trained in ``<workdir>/ae``."""
+  return {'ae': base.Prerequisite(config=ae_config(config), workdir_key='ae_workdir')}
+
+
+def create(config, ctx: base.MethodContext, trained: Mapping[str, base.TrainState]) -> base.Method:
+  return create_with_ae(config, ctx, trained['ae'].params)
 
 
 def create_with_ae(config, ctx: base.MethodContext, ae_params) -> base.Method:
   """The method around already trained AE parameters."""
+  validate(config)
   mode = config.model.unet_input
-  if mode not in INPUTS:
-    raise ValueError(f'config.model.unet_input must be one of {INPUTS}, got {mode!r}.')
   ae_model = autoencoder.create_model(config)
   model = unet.create_model(config)
   tx = base.optimizer_from_config(config, ctx)

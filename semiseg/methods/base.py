@@ -56,8 +56,24 @@ class MethodContext:
   image_size: int  # network input side (texture crops)
   texture: bool
   steps_per_epoch: int
-  workdir: str | None = None
-  data: Any = None  # semiseg.data.pipeline.CategoryData
+
+
+@dataclasses.dataclass(frozen=True)
+class Prerequisite:
+  """Another method that must be trained before this one is created (ae_unet: its AE).
+
+  A method module declares them in ``prerequisites(config) -> {name: Prerequisite}`` and receives
+  them, trained, as ``create(config, ctx, trained)`` with ``trained[name]`` a finished TrainState.
+  It never trains them itself: the loop (semiseg/train.py) trains or restores them first, evaluation
+  and prediction only restore them, and the reproduce grid gives each its own cell.
+
+  Attributes:
+    config: the prerequisite's own run config (``config.method`` names it), derived from the dependent's.
+    workdir_key: the top-level key of the dependent's config that names a workdir where it is already
+      trained (then it is only restored); unset, the loop trains it in ``<workdir>/<name>``.
+  """
+  config: Any
+  workdir_key: str
 
 
 def create_optimizer(learning_rate: float, decay_rate: float, transition_steps: int) -> optax.GradientTransformation:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic
+from semiseg import methods
 from semiseg.methods import ae_unet, autoencoder, base, unet
 
 SIZE = 16
@@ -94,6 +95,18 @@ def test_ae_unet_keeps_the_autoencoder_frozen():
   new, _ = step(state, fixed_batch())
   for x, y in zip(jax.tree.leaves(state.extras), jax.tree.leaves(new.extras)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_ae_unet_declares_its_autoencoder_and_needs_it_trained():
+  config = tiny_config('ae_unet')
+  config.ae_num_train_steps = 3
+  req = methods.prerequisites(config)['ae']
+  assert (req.config.method, req.config.num_train_steps, req.workdir_key) == ('ae', 3, 'ae_workdir')
+  assert req.config.data.image_size == SIZE and config.method == 'ae_unet'  # derived, not changed
+  assert methods.prerequisites(tiny_config('unet')) == {}
+  ctx = base.MethodContext(image_size=SIZE, texture=False, steps_per_epoch=10)
+  with pytest.raises(ValueError, match=r"\['ae'\] trained first"):
+    methods.create_method(config, ctx)
 
 
 def test_ae_unet_input_modes():
