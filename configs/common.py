@@ -9,33 +9,6 @@ from __future__ import annotations
 
 from ml_collections import config_dict
 
-# MVTec AD's texture categories: kept at 2x the working size, warped, cropped (paper 3.3).
-MVTEC_TEXTURES = ('carpet', 'grid', 'leather', 'tile', 'wood')
-MVTEC_OBJECTS = ('bottle', 'cable', 'capsule', 'hazelnut', 'metal_nut', 'pill', 'screw',
-                 'toothbrush', 'transistor', 'zipper')
-MVTEC_CATEGORIES = ('bottle', 'cable', 'capsule', 'carpet', 'grid', 'hazelnut', 'leather',
-                    'metal_nut', 'pill', 'screw', 'tile', 'toothbrush', 'transistor', 'wood',
-                    'zipper')
-# Flips where they do not change what counts as normal ("wherever possible", paper 3.3), per axis:
-# (flip_x = left-right mirror, flip_y = up-down). Both for textures and for objects that lie in any
-# orientation (bottle, hazelnut, screw). Off where a mirror image is a defect or never normal:
-#   metal_nut  - its defect type 'flip' is the nut upside down, which is what a mirrored good nut shows;
-#   cable      - a mirror swaps two of the three coloured cables: the defect type 'cable_swap';
-#   capsule, pill - the printed '500' / 'FF' would read mirrored, like 'faulty_imprint';
-#   transistor - an up-down flip puts the leads on top, like 'misplaced'; left-right kept off too (its
-#                defects are about position);
-#   toothbrush, zipper - upright in every image: left-right only.
-MVTEC_FLIPS = {c: (True, True) for c in MVTEC_TEXTURES + ('bottle', 'hazelnut', 'screw')}
-MVTEC_FLIPS.update({c: (False, False) for c in ('metal_nut', 'cable', 'capsule', 'pill', 'transistor')})
-MVTEC_FLIPS.update({c: (True, False) for c in ('toothbrush', 'zipper')})
-
-SYNTHETIC_TEXTURES = ('brick', 'grass', 'gravel')
-SYNTHETIC_OBJECTS = ('washer', 'pcb')
-SYNTHETIC_CATEGORIES = SYNTHETIC_TEXTURES + SYNTHETIC_OBJECTS
-
-METHODS = ('pca', 'anogan', 'ae', 'unet', 'pi_model', 'mean_teacher', 'ae_unet')
-
-
 def parse_arg(arg: str | None) -> tuple[list[str], dict[str, str]]:
   """Splits ``'bottle,smoke,method=ae'`` into words ``['bottle', 'smoke']`` and ``{'method': 'ae'}``."""
   words, pairs = [], {}
@@ -81,8 +54,9 @@ def apply_pairs(config: config_dict.ConfigDict, pairs: dict[str, str], where: st
 
 
 def select_category(c: config_dict.ConfigDict, words: list[str], categories: tuple[str, ...],
-                    textures: tuple[str, ...], other_words: tuple[str, ...], where: str) -> None:
-  """Sets the category named among the arg words, its texture flag and border; rejects unknown words."""
+                    other_words: tuple[str, ...], where: str) -> None:
+  """Sets the category named among the arg words; rejects unknown words. Its texture handling, border
+  and flips follow from it in the library (semiseg/data/categories.py), however it was set."""
   unknown = [w for w in words if w not in categories + other_words]
   if unknown:
     raise ValueError(f'{where}: unknown arg word(s) {unknown}; use a category of {categories} or one of '
@@ -90,14 +64,12 @@ def select_category(c: config_dict.ConfigDict, words: list[str], categories: tup
   for w in words:
     if w in categories:
       c.data.category = w
-  c.data.texture = c.data.category in textures
-  c.augment.border = 'reflect' if c.data.texture else 'constant'
 
 
 def get_base_config() -> config_dict.ConfigDict:
   """The paper's settings (section 4.2); dataset files override data fields and sizes."""
   c = config_dict.ConfigDict()
-  c.method = 'ae_unet'  # one of METHODS
+  c.method = 'ae_unet'  # one of semiseg.methods.METHODS
   c.seed = 0  # model init, augmentation and batch order
 
   c.data = config_dict.ConfigDict()
@@ -106,7 +78,9 @@ def get_base_config() -> config_dict.ConfigDict:
   c.data.root = config_dict.placeholder(str)  # folder tree, or MVTec's manual dir (tar.xz or tree)
   c.data.data_dir = config_dict.placeholder(str)  # TFDS data dir; unset: $SEMISEG_DATA_DIR or ~/tensorflow_datasets
   c.data.image_size = 256  # network input; for textures the crop (stored at 2x, paper 3.3)
-  c.data.texture = False  # set from the category by the dataset config
+  # Unset: from the category (semiseg/data/categories.py); set by hand, it must agree with it ('folder':
+  # the user's choice, default False).
+  c.data.texture = config_dict.placeholder(bool)
   # The split (paper 4.1, Table 1): 'paper' = for every test folder, good included, k_labeled images
   # labeled and test_to_unlabeled moved into the unlabeled set; 'k_per_defect' = k_labeled images per
   # defect type labeled, nothing moved (unlabeled = train/good only).
@@ -128,9 +102,11 @@ def get_base_config() -> config_dict.ConfigDict:
   c.augment.enabled = True
   c.augment.max_rotation_deg = 15.0
   c.augment.max_translate = 0.1  # fraction of the image side
-  c.augment.flip_x = True
-  c.augment.flip_y = True
-  c.augment.border = 'constant'  # 'constant' | 'reflect' | 'edge'; textures use 'reflect'
+  # Unset: from the category, like data.texture (flips: off where a mirror image is a defect; border:
+  # 'reflect' for textures, else 'constant'; 'edge' is also known to the warp).
+  c.augment.flip_x = config_dict.placeholder(bool)
+  c.augment.flip_y = config_dict.placeholder(bool)
+  c.augment.border = config_dict.placeholder(str)
 
   c.model = config_dict.ConfigDict()
   c.model.ae_features = (32, 64, 128, 256, 256)  # encoder widths; each level halves H and W

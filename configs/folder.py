@@ -26,8 +26,7 @@ def get_config(arg: str | None = None):
     common.smoke(c)
     c.ae_num_train_steps = 4
   texture = pairs.pop('texture', None)
-  if texture is not None:
+  if texture is not None:  # the border follows it (semiseg/data/categories.py)
     c.data.texture = texture.lower() in ('1', 'true')
-    c.augment.border = 'reflect' if c.data.texture else 'constant'
   common.apply_pairs(c, pairs, 'configs/folder.py')
   return c

@@ -10,6 +10,7 @@ Arg words: one of the 15 categories (default bottle) and ``smoke``; ``key=value`
 """
 
 from configs import common
+from semiseg.data.categories import MVTEC_CATEGORIES
 
 
 def get_config(arg: str | None = None):
@@ -17,9 +18,7 @@ def get_config(arg: str | None = None):
   c = common.get_base_config()
   c.data.name = 'mvtec_ad'
   c.data.category = 'bottle'
-  common.select_category(c, words, common.MVTEC_CATEGORIES, common.MVTEC_TEXTURES, ('smoke',),
-                         'configs/mvtec.py')
-  c.augment.flip_x, c.augment.flip_y = common.MVTEC_FLIPS[c.data.category]
+  common.select_category(c, words, MVTEC_CATEGORIES, ('smoke',), 'configs/mvtec.py')
   c.ae_num_train_steps = None
   if 'smoke' in words:
     common.smoke(c)

@@ -22,6 +22,8 @@ Grid keys (comma-separated strings, so ``--config.methods=ae,unet`` works):
 from ml_collections import config_dict
 
 from configs import common
+from semiseg import methods
+from semiseg.data import categories
 
 DATASETS = ('synthetic', 'mvtec', 'folder')
 GRID_KEYS = ('categories', 'methods', 'seeds', 'ablations', 'overlay_category', 'figure_images')
@@ -48,10 +50,10 @@ def get_config(arg: str | None = None):
   rest = [w for w in words if w not in DATASETS] + [f'{k}={v}' for k, v in pairs.items()]
   c = _base(dataset, ','.join(rest))
 
-  default_categories = {'synthetic': common.SYNTHETIC_CATEGORIES, 'mvtec': common.MVTEC_CATEGORIES,
+  default_categories = {'synthetic': categories.SYNTHETIC_CATEGORIES, 'mvtec': categories.MVTEC_CATEGORIES,
                         'folder': ()}[dataset]
   c.categories = ','.join(default_categories)  # '' (folder): every category under data.root
-  c.methods = ','.join(common.METHODS)
+  c.methods = ','.join(methods.METHODS)
   c.seeds = '0,1,2'
   c.ablations = True
   c.overlay_category = config_dict.placeholder(str)  # unset: the first category

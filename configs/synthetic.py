@@ -10,6 +10,7 @@ CPU), ``paper`` (the paper's sizes: 256 px, 64 features, latent 500, 200 epochs)
 """
 
 from configs import common
+from semiseg.data.categories import SYNTHETIC_CATEGORIES
 
 
 def get_config(arg: str | None = None):
@@ -17,8 +18,7 @@ def get_config(arg: str | None = None):
   c = common.get_base_config()
   c.data.name = 'synthetic_defects'
   c.data.category = 'brick'
-  common.select_category(c, words, common.SYNTHETIC_CATEGORIES, common.SYNTHETIC_TEXTURES,
-                         ('smoke', 'paper'), 'configs/synthetic.py')
+  common.select_category(c, words, SYNTHETIC_CATEGORIES, ('smoke', 'paper'), 'configs/synthetic.py')
   if 'paper' not in words:
     common.cpu(c)
     c.num_train_steps = 600  # ~1 min per method on 2 cores; the U-Net learns the defects by ~250

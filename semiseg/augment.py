@@ -67,14 +67,6 @@ class AugmentSpec:
     if self.crop_size is not None and self.crop_size <= 0:
       raise ValueError(f'AugmentSpec.crop_size must be positive or None, got {self.crop_size}.')
 
-  @classmethod
-  def from_config(cls, augment_config, crop_size: int | None = None) -> AugmentSpec:
-    """From ``config.augment`` (keys enabled, max_rotation_deg, max_translate, flip_x, flip_y, border)."""
-    c = augment_config
-    return cls(enabled=bool(c.enabled), max_rotation_deg=float(c.max_rotation_deg),
-               max_translate=float(c.max_translate), flip_x=bool(c.flip_x), flip_y=bool(c.flip_y),
-               border=str(c.border), crop_size=None if crop_size is None else int(crop_size))
-
 
 @functools.partial(jax.jit, static_argnames=('batch_size', 'spec', 'in_hw', 'out_hw'))
 def sample_matrices(key: jax.Array, batch_size: int, spec: AugmentSpec, in_hw: tuple[int, int],

@@ -14,9 +14,7 @@ import io as _io
 import json
 import logging
 import os
-from typing import Any
 
-import importlib
 import importlib.util
 
 import jax
@@ -25,14 +23,13 @@ from ml_collections import config_dict
 from tqdm.auto import tqdm
 
 from semiseg import evaluate, figures, io, report, sharding, train
-from semiseg.data import layout, pipeline
+from semiseg.data import categories, layout, pipeline
 from semiseg import methods
 from semiseg.report import MAIN
 
 log = logging.getLogger(__name__)
 
 GRID_KEYS = ('categories', 'methods', 'seeds', 'ablations', 'overlay_category', 'figure_images')
-DATASET_CONFIG = {'synthetic_defects': 'configs.synthetic', 'mvtec_ad': 'configs.mvtec', 'folder': 'configs.folder'}
 # Run config keys that do not change a cell's result (paths, logging, checkpoint cadence; and the
 # prerequisites' workdirs, _prerequisite_keys).
 _NOT_FINGERPRINTED = ('data.root', 'data.data_dir', 'data.prefetch', 'log_every_steps', 'ckpt')
@@ -124,25 +121,13 @@ def plan(config) -> tuple[list[Cell], list[str]]:
   return cells, skipped
 
 
-def category_fields(dataset: str, category: str) -> dict[str, Any]:
-  """The fields a dataset config sets from the category (texture handling, border, flips)."""
-  if dataset == 'folder':
-    return {}
-  c = importlib.import_module(DATASET_CONFIG[dataset]).get_config(category)
-  return {'data.texture': c.data.texture, 'augment.border': c.augment.border,
-          'augment.flip_x': c.augment.flip_x, 'augment.flip_y': c.augment.flip_y}
-
-
 def _run_config(config, cell: Cell) -> config_dict.ConfigDict:
-  """The grid keys dropped; category, method, seed and variant of ``cell`` set."""
+  """The grid keys dropped; category (and what follows from it), method, seed and variant of ``cell`` set."""
   d = config.to_dict()
   for k in GRID_KEYS:
     d.pop(k, None)
   c = config_dict.ConfigDict(d, type_safe=False)
   c.data.category = cell.category
-  for key, value in category_fields(cell.dataset, cell.category).items():
-    group, leaf = key.split('.')
-    c[group][leaf] = value
   c.method, c.seed = cell.method, cell.seed
   if cell.variant == 'no_aug':
     c.augment.enabled = False
@@ -150,7 +135,7 @@ def _run_config(config, cell: Cell) -> config_dict.ConfigDict:
     c.model.unet_input = 'diff'
   elif cell.variant != MAIN:
     raise ValueError(f'unknown variant {cell.variant!r}')
-  return c
+  return categories.apply_category_rules(c)  # texture, border and flips of the cell's category
 
 
 def cell_config(config, cell: Cell, root: str) -> config_dict.ConfigDict:

@@ -15,7 +15,7 @@ from typing import Callable
 import jax
 
 from semiseg import checkpoint, io, sharding
-from semiseg.data import pipeline
+from semiseg.data import categories, pipeline
 from semiseg.methods import base, create_method, prerequisites, validate_method
 
 log = logging.getLogger(__name__)
@@ -116,9 +116,11 @@ def build(config, workdir: str | None, mesh=None, data: pipeline.CategoryData | 
           resolve_prerequisites: PrerequisiteResolver = restore_prerequisites):
   """(method, data, ctx, mesh, num_train_steps) of a config, without touching its own checkpoints.
 
-  Order: config checks, mesh, data (process 0 prepares the dataset and writes split.json first),
-  then ``resolve_prerequisites`` (restore by default; the loop trains what is missing), then the method.
+  Order: the category's rules applied, config checks, mesh, data (process 0 prepares the dataset and
+  writes split.json first), then ``resolve_prerequisites`` (restore by default; the loop trains what
+  is missing), then the method.
   """
+  config = categories.apply_category_rules(config)
   validate_config(config)
   mesh = mesh or sharding.create_mesh()
   if data is None:
@@ -157,6 +159,7 @@ def check_meta(meta: dict, config, where: str) -> None:
 
 def restore_trained(config, workdir: str, mesh=None, data=None):
   """(method, state, data, ctx, mesh) from a finished workdir, for evaluation and prediction."""
+  config = categories.apply_category_rules(config)
   method, data, ctx, mesh, _ = build(config, workdir, mesh, data)
   ckpt = checkpoint.Checkpointer(workdir, config.ckpt.every_steps, config.ckpt.keep)
   try:

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from semiseg import checkpoint, io, restore, sharding
-from semiseg.data import pipeline
+from semiseg.data import categories, pipeline
 from semiseg.methods import base, prerequisites
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def _batches(method: base.Method, config, data, start_step: int, mesh):
 
 def train(config, workdir: str, mesh=None, data=None, progress: bool = True) -> TrainResult:
   """Trains ``config.method`` in ``workdir``, resuming from its latest checkpoint."""
+  config = categories.apply_category_rules(config)  # texture, border and flips of its category
   # One lock per run: process 0 holds it (the others share its workdir, often on the same host).
   with io.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
     return _train_locked(config, workdir, mesh, data, progress)

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
-from ml_collections import config_dict
 
 from semiseg import augment
 
@@ -271,12 +270,8 @@ def test_reflect_border_fills_corners():
   assert np.asarray(masks).min() == 0.0  # but the mask is 0 outside the input
 
 
-def test_from_config_and_validation():
-  cfg = config_dict.ConfigDict(dict(enabled=True, max_rotation_deg=10.0, max_translate=0.05,
-                                    flip_x=False, flip_y=True, border='reflect'))
-  spec = augment.AugmentSpec.from_config(cfg, crop_size=256)
-  assert spec == augment.AugmentSpec(True, 10.0, 0.05, False, True, 'reflect', 256)
-  hash(spec)  # static argument of jit
+def test_spec_validation():
+  hash(augment.AugmentSpec(True, 10.0, 0.05, False, True, 'reflect', 256))  # static argument of jit
   with pytest.raises(ValueError, match='border'):
     augment.AugmentSpec(border='wrap')
   with pytest.raises(ValueError, match='order'):

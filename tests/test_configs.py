@@ -1,14 +1,23 @@
 """Every config file and each documented :arg loads, locks and takes overrides of the right type."""
 
-import pytest
-from ml_collections import config_dict
+import os
 
-from configs import common, folder, mvtec, synthetic
+import pytest
+from absl import flags
+from ml_collections import config_dict, config_flags
+
+from configs import folder, mvtec, synthetic
+from semiseg.methods import METHODS
+from semiseg.data.categories import (MVTEC_CATEGORIES, MVTEC_FLIPS, SYNTHETIC_CATEGORIES,
+                                     apply_category_rules)
+
+# ml_collections loads config files with importlib's deprecated load_module().
+pytestmark = pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
 
 ARGS = [
     (synthetic, None), (synthetic, 'smoke'), (synthetic, 'paper'), (synthetic, 'washer,method=unet,smoke'),
-    *[(synthetic, c) for c in common.SYNTHETIC_CATEGORIES],
-    (mvtec, None), (mvtec, 'smoke'), *[(mvtec, c) for c in common.MVTEC_CATEGORIES],
+    *[(synthetic, c) for c in SYNTHETIC_CATEGORIES],
+    (mvtec, None), (mvtec, 'smoke'), *[(mvtec, c) for c in MVTEC_CATEGORIES],
     (mvtec, 'carpet,method=unet'), (folder, None), (folder, 'smoke'), (folder, 'cpu,texture=true'),
 ]
 
@@ -17,26 +26,64 @@ ARGS = [
 def test_loads_and_locks(module, arg):
   c = module.get_config(arg)
   c.lock()
-  assert c.method in common.METHODS
+  assert c.method in METHODS
   with pytest.raises((AttributeError, KeyError)):
     c.no_such_key = 1
   c.seed = 3  # existing keys stay settable
 
 
+def resolved(module, arg):
+  return apply_category_rules(module.get_config(arg))
+
+
 def test_textures_are_marked_and_reflected():
-  assert mvtec.get_config('carpet').data.texture and mvtec.get_config('carpet').augment.border == 'reflect'
-  assert not mvtec.get_config('bottle').data.texture
-  assert synthetic.get_config('grass').data.texture and not synthetic.get_config('pcb').data.texture
+  assert resolved(mvtec, 'carpet').data.texture and resolved(mvtec, 'carpet').augment.border == 'reflect'
+  assert not resolved(mvtec, 'bottle').data.texture and resolved(mvtec, 'bottle').augment.border == 'constant'
+  assert resolved(synthetic, 'grass').data.texture and not resolved(synthetic, 'pcb').data.texture
+  assert resolved(folder, 'texture=true').augment.border == 'reflect' and not resolved(folder, None).data.texture
 
 
 def test_flips_off_where_a_mirror_is_a_defect():
   # metal_nut's defect type 'flip' is what a mirrored good nut looks like; cable's 'cable_swap' too.
   for category in ('metal_nut', 'cable', 'capsule', 'pill', 'transistor'):
-    c = mvtec.get_config(category)
+    c = resolved(mvtec, category)
     assert not c.augment.flip_x and not c.augment.flip_y, category
-  assert mvtec.get_config('toothbrush').augment.flip_x and not mvtec.get_config('toothbrush').augment.flip_y
-  assert mvtec.get_config('bottle').augment.flip_x and mvtec.get_config('carpet').augment.flip_y
-  assert set(common.MVTEC_FLIPS) == set(common.MVTEC_CATEGORIES)
+  assert resolved(mvtec, 'toothbrush').augment.flip_x and not resolved(mvtec, 'toothbrush').augment.flip_y
+  assert resolved(mvtec, 'bottle').augment.flip_x and resolved(mvtec, 'carpet').augment.flip_y
+
+
+def parse_flags(*argv):
+  """``--config`` through absl and ml_collections' config_flags, as the entry points parse it."""
+  argv = ['prog', *argv]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config file', flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+MVTEC_FILE = os.path.join(os.path.dirname(mvtec.__file__), 'mvtec.py')
+
+
+def test_category_set_on_the_command_line_brings_its_texture_border_and_flips():
+  carpet = apply_category_rules(parse_flags(f'--config={MVTEC_FILE}', '--config.data.category=carpet'))
+  assert carpet.data.category == 'carpet' and carpet.data.texture is True
+  assert carpet.augment.border == 'reflect'
+  assert (carpet.augment.flip_x, carpet.augment.flip_y) == MVTEC_FLIPS['carpet'] == (True, True)
+  cable = apply_category_rules(parse_flags(f'--config={MVTEC_FILE}:carpet', '--config.data.category=cable'))
+  assert (cable.data.texture, cable.augment.border, cable.augment.flip_x, cable.augment.flip_y) == (
+      False, 'constant', False, False)
+
+
+@pytest.mark.parametrize('override,key', [('--config.data.texture=false', 'config.data.texture'),
+                                          ('--config.augment.border=constant', 'config.augment.border'),
+                                          ('--config.augment.flip_x=false', 'config.augment.flip_x')])
+def test_a_setting_that_contradicts_the_category_is_an_error_naming_the_key(override, key):
+  config = parse_flags(f'--config={MVTEC_FILE}', '--config.data.category=carpet', override)
+  with pytest.raises(ValueError, match=key.replace('.', r'\.') + '=.* contradicts category .carpet.'):
+    apply_category_rules(config)
+  agreeing = parse_flags(f'--config={MVTEC_FILE}', '--config.data.category=carpet', '--config.data.texture=true')
+  assert apply_category_rules(agreeing).data.texture
 
 
 def test_the_split_is_the_papers_by_default():

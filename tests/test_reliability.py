@@ -27,6 +27,7 @@ from PIL import Image
 
 from configs import synthetic
 from semiseg import io, restore, sharding, train
+from semiseg.data import categories
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARG = 'washer,smoke,method=unet,num_train_steps=40'  # 32 px, tiny U-Net
@@ -312,7 +313,9 @@ def test_same_config_and_seed_give_the_same_bits_split_and_run_record(straight, 
   assert io.read_json(os.path.join(wd, 'split.json')) == io.read_json(os.path.join(straight[0], 'split.json'))
   info = io.read_json(os.path.join(wd, 'run_info.json'))
   assert {'config', 'versions', 'git_commit', 'devices', 'python', 'platform', 'process_count'} <= set(info)
-  assert info['config'] == json.loads(config_40().to_json_best_effort())
+  # The resolved config: texture, border and flips as the category decided them.
+  assert info['config'] == json.loads(categories.apply_category_rules(config_40()).to_json_best_effort())
+  assert info['config']['augment']['border'] == 'constant' and info['config']['data']['texture'] is False
   assert info['versions']['jax'] == jax.__version__ and info['versions']['orbax.checkpoint']
   assert len(info['git_commit'] or '') == 40
   assert info['devices'] == [str(d) for d in jax.devices()]

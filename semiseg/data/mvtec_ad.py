@@ -20,8 +20,8 @@ import tempfile
 
 import tensorflow_datasets as tfds
 
-from configs.common import MVTEC_CATEGORIES, MVTEC_TEXTURES
 from semiseg.data import layout, tfds_common
+from semiseg.data.categories import MVTEC_CATEGORIES, MVTEC_TEXTURES
 
 ARCHIVE = 'mvtec_anomaly_detection.tar.xz'
 

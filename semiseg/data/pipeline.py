@@ -16,14 +16,14 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from semiseg.data import layout, split as split_lib, tfds_common
+from semiseg.data import categories, layout, split as split_lib, tfds_common
 
 DATASETS = ('synthetic_defects', 'mvtec_ad', 'folder')
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-  """The typed form of ``config.data`` (see configs/common.py)."""
+  """The typed form of ``config.data`` (see configs/common.py); ``texture`` follows from the category."""
   name: str
   category: str
   root: str | None
@@ -43,10 +43,9 @@ class DataSpec:
     missing = [f for f in fields if f not in d]
     if missing:
       raise ValueError(f'config.data lacks {missing}; start from configs.common.get_base_config().')
-    spec = cls(**{f: d[f] for f in fields})
-    if spec.name not in DATASETS:
-      raise ValueError(f'config.data.name={spec.name!r} is not a dataset; valid: {DATASETS}.')
-    return spec
+    if d['name'] not in DATASETS:
+      raise ValueError(f'config.data.name={d["name"]!r} is not a dataset; valid: {DATASETS}.')
+    return cls(**{**{f: d[f] for f in fields}, 'texture': categories.texture(data_config)})
 
   @property
   def stored_size(self) -> int:

@@ -25,7 +25,7 @@ from scipy import ndimage
 from skimage import data as skdata
 from skimage import draw
 
-from configs.common import SYNTHETIC_CATEGORIES, SYNTHETIC_TEXTURES
+from semiseg.data.categories import SYNTHETIC_CATEGORIES, SYNTHETIC_TEXTURES
 
 # Defect types per category; each includes at least one low-contrast kind (stain / color).
 DEFECT_TYPES: dict[str, tuple[str, ...]] = {

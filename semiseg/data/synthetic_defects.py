@@ -17,8 +17,8 @@ import weakref
 
 import tensorflow_datasets as tfds
 
-from configs.common import SYNTHETIC_CATEGORIES, SYNTHETIC_TEXTURES
 from semiseg.data import layout, synthetic, tfds_common
+from semiseg.data.categories import SYNTHETIC_CATEGORIES, SYNTHETIC_TEXTURES
 
 
 @dataclasses.dataclass(eq=False)

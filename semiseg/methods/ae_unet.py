@@ -89,7 +89,7 @@ def create_with_ae(config, ctx: base.MethodContext, ae_params) -> base.Method:
   ae_model = autoencoder.create_model(config)
   model = unet.create_model(config)
   tx = base.optimizer_from_config(config, ctx)
-  spec = augment.AugmentSpec.from_config(config.augment, crop_size=ctx.image_size if ctx.texture else None)
+  spec = base.augment_spec(config, ctx)
   in_channels = {'image': 3, 'diff': 3, 'image+diff': 6}[mode]
   ae_abstract = jax.eval_shape(lambda: ae_params)
   return base.Method(

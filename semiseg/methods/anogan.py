@@ -132,7 +132,7 @@ def create(config, ctx: base.MethodContext) -> base.Method:
   tx_g = optax.adam(float(c.learning_rate), b1=float(c.b1))
   tx_d = optax.adam(float(c.learning_rate), b1=float(c.b1))
   latent_dim = int(c.latent_dim)
-  spec = augment.AugmentSpec.from_config(config.augment, crop_size=ctx.image_size if ctx.texture else None)
+  spec = base.augment_spec(config, ctx)
   search = dict(g_model=g_model, d_model=d_model, latent_dim=latent_dim, steps=int(c.search_steps),
                 learning_rate=float(c.search_learning_rate), weight=float(c.discrimination_weight))
   return base.Method(

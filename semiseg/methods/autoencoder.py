@@ -95,7 +95,7 @@ def init(key: jax.Array, *, model: ConvAutoencoder, tx, image_size: int) -> base
 def create(config, ctx: base.MethodContext) -> base.Method:
   model = create_model(config)
   tx = base.optimizer_from_config(config, ctx)
-  spec = augment.AugmentSpec.from_config(config.augment, crop_size=ctx.image_size if ctx.texture else None)
+  spec = base.augment_spec(config, ctx)
   reconstruction_loss(jnp.zeros((1, 16, 16, 1)), jnp.zeros((1, 16, 16, 1)), config.model.ae_loss)  # validate
   return base.Method(
       name='ae', streams=('unlabeled',), score_kind='anomaly',

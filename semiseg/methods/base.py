@@ -10,6 +10,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from semiseg import augment
+from semiseg.data import categories
+
 Batch = dict[str, dict[str, jax.Array]]  # {'labeled': {'image', 'mask'}, 'unlabeled': {'image', 'mask'}}
 
 
@@ -90,6 +93,15 @@ def create_optimizer(learning_rate: float, decay_rate: float, transition_steps: 
 def optimizer_from_config(config, ctx: MethodContext) -> optax.GradientTransformation:
   return create_optimizer(config.optim.learning_rate, config.optim.decay_rate,
                           config.optim.decay_every_epochs * ctx.steps_per_epoch)
+
+
+def augment_spec(config, ctx: MethodContext) -> augment.AugmentSpec:
+  """``config.augment`` as a warp spec: border and flips as the category decides them (the data
+  package's rules; values set by hand must agree), textures cropped to the network input."""
+  a, c = config.augment, categories.settings(config)
+  return augment.AugmentSpec(enabled=bool(a.enabled), max_rotation_deg=float(a.max_rotation_deg),
+                             max_translate=float(a.max_translate), flip_x=bool(c.flip_x), flip_y=bool(c.flip_y),
+                             border=str(c.border), crop_size=ctx.image_size if ctx.texture else None)
 
 
 def check_divisible(image_size: int, scale: int, what: str) -> None:

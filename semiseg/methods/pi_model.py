@@ -93,7 +93,7 @@ validate = unet.validate  # the U-Net's size check
 def create(config, ctx: base.MethodContext) -> base.Method:
   model = unet.create_model(config)
   tx = base.optimizer_from_config(config, ctx)
-  spec = augment.AugmentSpec.from_config(config.augment, crop_size=ctx.image_size if ctx.texture else None)
+  spec = base.augment_spec(config, ctx)
   max_weight, rampup_steps = consistency_settings(config)
   return base.Method(
       name='pi_model', streams=('labeled', 'unlabeled'), score_kind='probability',

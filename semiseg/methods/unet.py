@@ -60,7 +60,7 @@ def init(key: jax.Array, *, model: UNet, tx, image_size: int, in_channels: int =
 def create(config, ctx: base.MethodContext) -> base.Method:
   model = create_model(config)
   tx = base.optimizer_from_config(config, ctx)
-  spec = augment.AugmentSpec.from_config(config.augment, crop_size=ctx.image_size if ctx.texture else None)
+  spec = base.augment_spec(config, ctx)
   return base.Method(
       name='unet', streams=('labeled',), score_kind='probability',
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size),

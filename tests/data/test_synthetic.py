@@ -4,8 +4,8 @@ import os
 
 import numpy as np
 
-from configs.common import SYNTHETIC_CATEGORIES
 from semiseg.data import layout, synthetic
+from semiseg.data.categories import SYNTHETIC_CATEGORIES
 
 COUNTS = {'train': 2, 'test_good': 1, 'defect': 2}
 
