@@ -23,10 +23,10 @@ from ml_collections import config_dict
 
 from configs import common
 from semiseg import methods
+from semiseg.reproduce import GRID_KEYS
 from semiseg.data import categories
 
 DATASETS = ('synthetic', 'mvtec', 'folder')
-GRID_KEYS = ('categories', 'methods', 'seeds', 'ablations', 'overlay_category', 'figure_images')
 
 
 def _base(dataset: str, arg: str):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from semiseg import augment, io, metrics, sharding
+from semiseg import augment, curves, io, metrics, sharding
 from semiseg.methods import base
 
 log = logging.getLogger(__name__)
@@ -97,11 +97,6 @@ def metrics_at(scores: np.ndarray, split, threshold: float, num_bins: int) -> tu
   return acc.result(), acc.result_per_defect_type()
 
 
-def fit_threshold(scores: np.ndarray, split) -> float:
-  """The paper's rule: the ROC point with the largest TPR - FPR over the split's pixels."""
-  return float(metrics.fit_threshold(scores.reshape(-1), masks_2d(split).reshape(-1)))
-
-
 def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.MethodContext, mesh, config,
              workdir: str | None = None, time_it: bool = True,
              score_sink: Callable[[str, np.ndarray], None] | None = None) -> dict:
@@ -123,10 +118,10 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
   rule = config.threshold_rule if method.score_kind == 'anomaly' else 'fixed'
   if rule not in ('labeled', 'oracle', 'fixed'):
     raise ValueError(f"config.threshold_rule must be 'labeled', 'oracle' or 'fixed', got {rule!r}.")
-  if rule == 'labeled':
-    threshold = fit_threshold(train_scores, data.labeled)
+  if rule == 'labeled':  # the paper's rule: the ROC point with the largest TPR - FPR
+    threshold = curves.fit_threshold(train_scores, masks_2d(data.labeled))
   elif rule == 'oracle':
-    threshold = fit_threshold(test_scores, data.test)
+    threshold = curves.fit_threshold(test_scores, masks_2d(data.test))
   else:
     threshold = float(config.threshold)
   test, per_type = metrics_at(test_scores, data.test, threshold, num_bins)
@@ -138,7 +133,7 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
          'test_tiles_per_image': (data.test.images.shape[1] // ctx.image_size) ** 2 if ctx.texture else 1,
          'num_unlabeled_images': len(data.unlabeled)}
   if method.score_kind == 'anomaly' and rule != 'oracle':
-    oracle_t = fit_threshold(test_scores, data.test)
+    oracle_t = curves.fit_threshold(test_scores, masks_2d(data.test))
     out['oracle'] = {'threshold': oracle_t, 'test': metrics_at(test_scores, data.test, oracle_t, num_bins)[0]}
   if time_it and len(data.test):
     out['ms_per_image'] = {

@@ -1,4 +1,4 @@
-"""Segmentation metrics and the paper's threshold rule, streamed batch by batch on the host."""
+"""Segmentation metrics of score maps against masks, streamed batch by batch on the host; their names."""
 
 import dataclasses
 from collections.abc import Sequence
@@ -6,14 +6,19 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from semiseg import curves
+
 # Ground-truth regions for AUPRO are 8-connected, as in MVTec AD's official evaluation
 # (pro_curve_util.py labels with structure=np.ones((3, 3))). The zero planes keep the
 # images of a batch apart, so one ndimage.label call labels the whole BxHxW batch.
 _REGION_STRUCTURE_3x3x3 = np.zeros((3, 3, 3), dtype=bool)
 _REGION_STRUCTURE_3x3x3[1] = True
 
-RESULT_KEYS = ('defect_iou', 'miou', 'dice', 'mae_pixels', 'pixel_auroc', 'aupro',
-               'pixel_ap', 'image_auroc', 'f1_max', 'num_images')
+# The metric names, here only: eval.json's keys, results.csv's columns and the report's tables use them.
+BINARY_METRICS = ('defect_iou', 'miou', 'dice', 'mae_pixels')  # at a threshold
+THRESHOLD_FREE = ('pixel_auroc', 'aupro', 'pixel_ap', 'image_auroc', 'f1_max')
+METRIC_NAMES = BINARY_METRICS + THRESHOLD_FREE
+RESULT_KEYS = METRIC_NAMES + ('num_images',)  # SegmentationMetrics.result()
 
 
 # ----------------------------------------------------------------------------------------
@@ -99,144 +104,6 @@ def mae_from_counts(fp: int, fn: int, num_images: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------
-# Threshold-free metrics. Exact and binned modes both reduce to the same curve: cumulative
-# counts at thresholds sorted in decreasing order, where "positive" means score >= threshold.
-
-@dataclasses.dataclass(frozen=True)
-class _Curve:
-  thresholds: np.ndarray  # decreasing
-  tps: np.ndarray         # defect pixels with score >= threshold
-  fps: np.ndarray         # non-defect pixels with score >= threshold
-  cover: np.ndarray | None  # sum over GT regions of the covered fraction at the threshold
-  num_regions: int = 0
-
-
-def _exact_curve(scores: np.ndarray, labels: np.ndarray,
-                 region_weight: np.ndarray | None = None) -> _Curve:
-  order = np.argsort(scores, kind='stable')[::-1]
-  scores = scores[order]
-  # The last index of each run of equal scores: all tied pixels switch together.
-  last = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
-  tps = np.cumsum(labels[order], dtype=np.int64)[last]
-  fps = (last + 1) - tps
-  cover = None
-  if region_weight is not None:
-    cover = np.cumsum(region_weight[order])[last]
-  return _Curve(scores[last], tps, fps, cover)
-
-
-def _binned_curve(pos_hist: np.ndarray, neg_hist: np.ndarray, bin_edges: np.ndarray,
-                  region_mass: np.ndarray | None = None) -> _Curve:
-  # Threshold = lower edge of bin k: every pixel in bins >= k has score >= it (binning is
-  # monotone), so each binned point is an exact curve point; only occupied bins are kept,
-  # so a threshold is never raised above the lowest score it admits (as roc_curve does).
-  tps = np.cumsum(pos_hist[::-1])[::-1]
-  fps = np.cumsum(neg_hist[::-1])[::-1]
-  k = np.flatnonzero((pos_hist + neg_hist) > 0)[::-1]
-  cover = None if region_mass is None else np.cumsum(region_mass[::-1])[::-1][k]
-  return _Curve(bin_edges[k], tps[k], fps[k], cover)
-
-
-def _auroc(c: _Curve) -> float:
-  if c.tps.size == 0 or c.tps[-1] == 0 or c.fps[-1] == 0:
-    return float('nan')
-  return float(np.trapezoid(np.r_[0.0, c.tps / c.tps[-1]], np.r_[0.0, c.fps / c.fps[-1]]))
-
-
-def _average_precision(c: _Curve) -> float:
-  # Step-wise, as sklearn's average_precision_score: sum_n (R_n - R_{n-1}) P_n.
-  if c.tps.size == 0 or c.tps[-1] == 0:
-    return float('nan')
-  recall = c.tps / c.tps[-1]
-  precision = c.tps / (c.tps + c.fps)
-  return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def _f1_max(c: _Curve) -> float:
-  if c.tps.size == 0 or c.tps[-1] == 0:
-    return float('nan')
-  return float(np.max(2 * c.tps / (c.tps[-1] + c.tps + c.fps)))
-
-
-def _youden(c: _Curve) -> float:
-  if c.tps.size == 0 or c.tps[-1] == 0 or c.fps[-1] == 0:
-    raise ValueError('a threshold needs both defect and non-defect pixels')
-  # Same float expression and tie-break (first = highest threshold) as argmax over
-  # sklearn's roc_curve, whose prepended (0, 0) point has threshold inf.
-  j = np.r_[0.0, c.tps / c.tps[-1] - c.fps / c.fps[-1]]
-  i = int(np.argmax(j))
-  return float('inf') if i == 0 else float(c.thresholds[i - 1])
-
-
-def _trapezoid_upto(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
-  # As MVTec's generic_util.trapezoid: integrate up to x_max, interpolating y linearly there.
-  n = int(np.searchsorted(x, x_max, side='right'))  # x[:n] <= x_max
-  area = float(np.trapezoid(y[:n], x[:n]))
-  if n < x.size and x[n - 1] < x_max:
-    y_max = y[n - 1] + (y[n] - y[n - 1]) * (x_max - x[n - 1]) / (x[n] - x[n - 1])
-    area += 0.5 * (y[n - 1] + y_max) * (x_max - x[n - 1])
-  return area
-
-
-def _pro_points(c: _Curve, num_regions: int) -> tuple[np.ndarray, np.ndarray]:
-  fpr = np.minimum(np.r_[0.0, c.fps / c.fps[-1]], 1.0)
-  pro = np.minimum(np.r_[0.0, c.cover / num_regions], 1.0)  # clip float drift, as MVTec
-  return fpr, pro
-
-
-def _aupro(c: _Curve, num_regions: int, fpr_limit: float) -> float:
-  if c.cover is None or num_regions == 0 or c.fps.size == 0 or c.fps[-1] == 0:
-    return float('nan')
-  fpr, pro = _pro_points(c, num_regions)
-  return float(_trapezoid_upto(fpr, pro, fpr_limit) / fpr_limit)
-
-
-def fit_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-  """The paper's threshold: the ROC point with the largest TPR - FPR (Youden's J).
-
-  Args:
-    scores: per-pixel scores, any shape (flattened).
-    labels: per-pixel ground truth, same size; nonzero = defect.
-
-  Returns:
-    The threshold t (predict defect where score >= t). It is one of the scores, the same
-    value as roc_curve(labels, scores)'s thresholds[argmax(tpr - fpr)], including inf when
-    no threshold beats the empty prediction.
-
-  Raises:
-    ValueError: if the labels hold only one class.
-  """
-  scores = np.asarray(scores, dtype=np.float64).ravel()
-  labels = np.asarray(labels).ravel() != 0
-  if scores.size != labels.size:
-    raise ValueError(f'{scores.size} scores but {labels.size} labels')
-  return _youden(_exact_curve(scores, labels))
-
-
-def fit_threshold_binned(pos_hist: np.ndarray, neg_hist: np.ndarray,
-                         bin_edges: np.ndarray) -> float:
-  """fit_threshold from score histograms of defect and non-defect pixels.
-
-  Args:
-    pos_hist: [num_bins] counts of defect pixels per score bin.
-    neg_hist: [num_bins] counts of non-defect pixels per score bin.
-    bin_edges: [num_bins + 1] bin edges, increasing.
-
-  Returns:
-    The lower edge of an occupied bin (predict defect where score >= it): the exact Youden
-    threshold of the histogrammed pixels among thresholds at bin edges; inf if none beats
-    the empty prediction.
-
-  Raises:
-    ValueError: if either histogram is empty.
-  """
-  pos_hist, neg_hist = np.asarray(pos_hist), np.asarray(neg_hist)
-  if not pos_hist.shape == neg_hist.shape == (np.size(bin_edges) - 1,):
-    raise ValueError('need pos_hist and neg_hist of num_bins and bin_edges of num_bins + 1')
-  return _youden(_binned_curve(pos_hist, neg_hist, np.asarray(bin_edges, dtype=np.float64)))
-
-
-# ----------------------------------------------------------------------------------------
 # The streaming accumulator.
 
 @dataclasses.dataclass
@@ -275,6 +142,55 @@ class _State:
       setattr(self, f, getattr(self, f) + getattr(other, f))
     for f in ('image_max', 'image_label', 'scores', 'labels', 'region_weight'):
       getattr(self, f).extend(getattr(other, f))
+
+
+@dataclasses.dataclass
+class _Batch:
+  """One update's arrays, computed once for the whole batch and read per group of images."""
+  scores: np.ndarray  # BxHxW
+  masks: np.ndarray  # BxHxW bool
+  region_weight: np.ndarray  # BxHxW: 1 / size of the ground-truth region a pixel is in, else 0
+  regions_per_image: np.ndarray  # B
+  tp: np.ndarray | None = None  # B, at the threshold
+  fp: np.ndarray | None = None
+  fn: np.ndarray | None = None
+  bins: np.ndarray | None = None  # BxHxW histogram bin (binned mode)
+  clipped: np.ndarray | None = None  # B: pixels outside score_range
+
+
+def _checked_batch(scores_BxHxW, masks_BxHxW, defect_types) -> tuple[np.ndarray, np.ndarray, list]:
+  scores = np.asarray(scores_BxHxW)
+  masks = np.asarray(masks_BxHxW) != 0
+  if scores.ndim != 3 or scores.shape != masks.shape:
+    raise ValueError(f'need BxHxW scores and masks, got {scores.shape} and {masks.shape}')
+  if not np.isfinite(scores).all():
+    raise ValueError('scores contain nan or inf')
+  b = scores.shape[0]
+  # str(): names may arrive as a numpy array; keys must be plain str for JSON reports.
+  keys = [None] * b if defect_types is None else [str(k) for k in defect_types]
+  if len(keys) != b:
+    raise ValueError(f'{len(keys)} defect types for a batch of {b}')
+  return scores, masks, keys
+
+
+def _region_weights(masks_BxHxW: np.ndarray) -> dict[str, np.ndarray]:
+  """Ground-truth regions and per-pixel weight 1/|region|, so summing weights over covered pixels
+  gives the sum over regions of their covered fraction."""
+  b = masks_BxHxW.shape[0]
+  region_ids, n = ndimage.label(masks_BxHxW, structure=_REGION_STRUCTURE_3x3x3)
+  sizes = np.bincount(region_ids.ravel(), minlength=n + 1)
+  inv_size = np.zeros(n + 1)
+  inv_size[1:] = 1.0 / sizes[1:]
+  image_of_region = np.zeros(n + 1, np.int64)
+  image_of_region[region_ids.reshape(b, -1)] = np.arange(b)[:, None]
+  return {'region_weight': inv_size[region_ids],
+          'regions_per_image': np.bincount(image_of_region[1:], minlength=b)}
+
+
+def _confusion_per_image(pred: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(tp, fp, fn) per image of BxHxW boolean predictions and masks."""
+  tp = np.count_nonzero(pred & masks, axis=(1, 2))
+  return tp, np.count_nonzero(pred, axis=(1, 2)) - tp, np.count_nonzero(masks, axis=(1, 2)) - tp
 
 
 class SegmentationMetrics:
@@ -358,68 +274,50 @@ class SegmentationMetrics:
       masks_BxHxW: ground truth, nonzero = defect (bool, 0/1 or 0/255).
       defect_types: B names (e.g. 'good', 'crack') for result_per_defect_type, or None.
     """
-    scores = np.asarray(scores_BxHxW)
-    masks = np.asarray(masks_BxHxW) != 0
-    if scores.ndim != 3 or scores.shape != masks.shape:
-      raise ValueError(f'need BxHxW scores and masks, got {scores.shape} and {masks.shape}')
-    if not np.isfinite(scores).all():
-      raise ValueError('scores contain nan or inf')
-    b = scores.shape[0]
-    # str(): names may arrive as a numpy array; keys must be plain str for JSON reports.
-    keys = [None] * b if defect_types is None else [str(k) for k in defect_types]
-    if len(keys) != b:
-      raise ValueError(f'{len(keys)} defect types for a batch of {b}')
-
-    # Regions and per-pixel weight 1/|region|, so summing weights over covered pixels gives
-    # the sum over regions of their covered fraction.
-    region_ids, n = ndimage.label(masks, structure=_REGION_STRUCTURE_3x3x3)
-    sizes = np.bincount(region_ids.ravel(), minlength=n + 1)
-    inv_size = np.zeros(n + 1)
-    inv_size[1:] = 1.0 / sizes[1:]
-    image_of_region = np.zeros(n + 1, np.int64)
-    image_of_region[region_ids.reshape(b, -1)] = np.arange(b)[:, None]
-    regions_per_image = np.bincount(image_of_region[1:], minlength=b)
-
+    scores, masks, keys = _checked_batch(scores_BxHxW, masks_BxHxW, defect_types)
+    batch = _Batch(scores=scores, masks=masks, **_region_weights(masks))
     if self.threshold is not None:
-      pred = scores >= self.threshold
-      tp_b = np.count_nonzero(pred & masks, axis=(1, 2))
-      fp_b = np.count_nonzero(pred, axis=(1, 2)) - tp_b
-      fn_b = np.count_nonzero(masks, axis=(1, 2)) - tp_b
+      batch.tp, batch.fp, batch.fn = _confusion_per_image(scores >= self.threshold, masks)
     if not self.exact:
-      lo, hi = self.score_range
-      idx = np.floor((scores - lo) * (self.num_bins / (hi - lo)))
-      clipped_b = np.count_nonzero((scores < lo) | (scores > hi), axis=(1, 2))
-      idx = np.clip(idx, 0, self.num_bins - 1).astype(np.int64)
-
+      batch.bins, batch.clipped = self._bin_indices(scores)
     groups: dict[str | None, list[int]] = {}
     for i, key in enumerate(keys):
       groups.setdefault(key, []).append(i)
     for key, members in groups.items():
-      sel = slice(None) if len(members) == b else np.asarray(members)
-      st = self._states.setdefault(key, self._new_state())
-      m = masks[sel]
-      st.num_images += len(members)
-      st.num_pixels += m.size
-      st.num_regions += int(regions_per_image[sel].sum())
-      st.image_max.append(scores[sel].reshape(len(members), -1).max(axis=1))
-      st.image_label.append(m.reshape(len(members), -1).any(axis=1))
-      if self.threshold is not None:
-        tp, fp, fn = int(tp_b[sel].sum()), int(fp_b[sel].sum()), int(fn_b[sel].sum())
-        st.tp += tp
-        st.fp += fp
-        st.fn += fn
-        st.tn += m.size - tp - fp - fn
-      weight = inv_size[region_ids[sel]]
-      if self.exact:
-        st.scores.append(scores[sel].ravel())
-        st.labels.append(m.ravel())
-        st.region_weight.append(weight.ravel())
-      else:
-        k = idx[sel]
-        st.num_clipped += int(clipped_b[sel].sum())
-        st.pos_hist += np.bincount(k[m], minlength=self.num_bins)
-        st.neg_hist += np.bincount(k[~m], minlength=self.num_bins)
-        st.region_mass += np.bincount(k[m], weights=weight[m], minlength=self.num_bins)
+      sel = slice(None) if len(members) == len(keys) else np.asarray(members)
+      self._add(self._states.setdefault(key, self._new_state()), batch, sel, len(members))
+
+  def _bin_indices(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(histogram bin of every pixel, pixels clipped into the end bins per image)."""
+    lo, hi = self.score_range
+    idx = np.floor((scores - lo) * (self.num_bins / (hi - lo)))
+    clipped_b = np.count_nonzero((scores < lo) | (scores > hi), axis=(1, 2))
+    return np.clip(idx, 0, self.num_bins - 1).astype(np.int64), clipped_b
+
+  def _add(self, st: _State, batch: '_Batch', sel, n: int) -> None:
+    """Adds the images ``sel`` of ``batch`` (``n`` of them) to one group's state."""
+    scores, m, weight = batch.scores[sel], batch.masks[sel], batch.region_weight[sel]
+    st.num_images += n
+    st.num_pixels += m.size
+    st.num_regions += int(batch.regions_per_image[sel].sum())
+    st.image_max.append(scores.reshape(n, -1).max(axis=1))
+    st.image_label.append(m.reshape(n, -1).any(axis=1))
+    if self.threshold is not None:
+      tp, fp, fn = int(batch.tp[sel].sum()), int(batch.fp[sel].sum()), int(batch.fn[sel].sum())
+      st.tp += tp
+      st.fp += fp
+      st.fn += fn
+      st.tn += m.size - tp - fp - fn
+    if self.exact:
+      st.scores.append(scores.ravel())
+      st.labels.append(m.ravel())
+      st.region_weight.append(weight.ravel())
+    else:
+      k = batch.bins[sel]
+      st.num_clipped += int(batch.clipped[sel].sum())
+      st.pos_hist += np.bincount(k[m], minlength=self.num_bins)
+      st.neg_hist += np.bincount(k[~m], minlength=self.num_bins)
+      st.region_mass += np.bincount(k[m], weights=weight[m], minlength=self.num_bins)
 
   def _merged(self, keys: Sequence[str | None] | None = None) -> _State:
     total = self._new_state()
@@ -427,13 +325,13 @@ class SegmentationMetrics:
       total.merge(self._states[key])
     return total
 
-  def _curve(self, st: _State) -> _Curve:
+  def _curve(self, st: _State) -> curves.Curve:
     if self.exact:
       if not st.scores:
-        return _Curve(np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
-      return _exact_curve(np.concatenate(st.scores).astype(np.float64),
+        return curves.Curve(np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+      return curves.exact_curve(np.concatenate(st.scores).astype(np.float64),
                           np.concatenate(st.labels), np.concatenate(st.region_weight))
-    return _binned_curve(st.pos_hist, st.neg_hist, self.bin_edges, st.region_mass)
+    return curves.binned_curve(st.pos_hist, st.neg_hist, self.bin_edges, st.region_mass)
 
   def _metrics(self, st: _State) -> dict[str, float]:
     nan = float('nan')
@@ -448,11 +346,11 @@ class SegmentationMetrics:
     image_max = np.concatenate(st.image_max) if st.image_max else np.zeros(0)
     image_label = np.concatenate(st.image_label) if st.image_label else np.zeros(0, bool)
     return dict(**binary,
-                pixel_auroc=_auroc(c),
-                aupro=_aupro(c, st.num_regions, self.fpr_limit),
-                pixel_ap=_average_precision(c),
-                image_auroc=_auroc(_exact_curve(image_max.astype(np.float64), image_label)),
-                f1_max=_f1_max(c),
+                pixel_auroc=curves.auroc(c),
+                aupro=curves.aupro(c, st.num_regions, self.fpr_limit),
+                pixel_ap=curves.average_precision(c),
+                image_auroc=curves.auroc(curves.exact_curve(image_max.astype(np.float64), image_label)),
+                f1_max=curves.f1_max(c),
                 num_images=st.num_images)
 
   def result(self) -> dict[str, float]:
@@ -467,11 +365,11 @@ class SegmentationMetrics:
             for k in sorted(k for k in self._states if k is not None)}
 
   def fit_threshold(self) -> float:
-    """The Youden threshold (see fit_threshold) of every pixel seen; binned: a bin edge."""
+    """The Youden threshold (see curves.fit_threshold) of every pixel seen; binned: a bin edge."""
     st = self._merged()
     if self.exact:
-      return _youden(self._curve(st))
-    return fit_threshold_binned(st.pos_hist, st.neg_hist, self.bin_edges)
+      return curves.youden(self._curve(st))
+    return curves.fit_threshold_binned(st.pos_hist, st.neg_hist, self.bin_edges)
 
   def histograms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(defect pixel counts, non-defect pixel counts, bin edges) of every pixel seen."""
@@ -501,7 +399,7 @@ class SegmentationMetrics:
     bounds = dict(pixel_auroc=nan, aupro=nan, pixel_ap=nan, f1_max=nan)
     if p > 0 and n > 0:
       bounds['pixel_auroc'] = float(np.sum(pos * neg) / (2 * p * n))
-    c = _binned_curve(st.pos_hist, st.neg_hist, self.bin_edges, st.region_mass)
+    c = curves.binned_curve(st.pos_hist, st.neg_hist, self.bin_edges, st.region_mass)
     if p > 0:
       # Counts at the top (TP_{k+1}, FP_{k+1}) and bottom (TP_k, FP_k) of each occupied bin.
       tp_hi, fp_hi = np.r_[0, c.tps[:-1]], np.r_[0, c.fps[:-1]]
@@ -510,9 +408,9 @@ class SegmentationMetrics:
         prec_min = np.nan_to_num(tp_hi / (tp_hi + c.fps))
       bounds['pixel_ap'] = float(np.sum((c.tps - tp_hi) / p * (prec_max - prec_min)))
       f1_upper = np.max(2 * c.tps / (p + c.tps + fp_hi))
-      bounds['f1_max'] = float(f1_upper - _f1_max(c))
+      bounds['f1_max'] = float(f1_upper - curves.f1_max(c))
     if st.num_regions > 0 and n > 0:
-      fpr, pro = _pro_points(c, st.num_regions)
+      fpr, pro = curves.pro_points(c, st.num_regions)
       below = fpr[:-1] < self.fpr_limit
       bounds['aupro'] = float(np.sum((np.diff(fpr) * np.diff(pro))[below]) / self.fpr_limit)
     return bounds

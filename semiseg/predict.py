@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from semiseg import evaluate, figures, io, report, restore
+from semiseg import curves, evaluate, figures, io, report, restore
 from semiseg.data import layout
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def choose_threshold(method, config, workdir: str, data, predictor) -> tuple[flo
     ev = io.read_json(path)
     if ev.get('method') == method.name and ev.get('threshold') is not None:
       return float(ev['threshold']), f'{path} ({ev.get("threshold_rule", "?")} rule)'
-  t = evaluate.fit_threshold(predictor(data.labeled.images), data.labeled)
+  t = curves.fit_threshold(predictor(data.labeled.images), evaluate.masks_2d(data.labeled))
   return t, f'fitted on the {len(data.labeled)} labeled images (max TPR - FPR): no eval.json in {workdir}'
 
 

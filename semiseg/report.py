@@ -16,18 +16,16 @@ from typing import Iterable
 import numpy as np
 
 from semiseg import io, paper_results
+from semiseg.metrics import METRIC_NAMES, THRESHOLD_FREE
 from semiseg.methods import paper_order
 
 # ----------------------------------------------------------------------------------------------
 # Result rows and CSV.
 
-METRICS = ('defect_iou', 'miou', 'dice', 'mae_pixels', 'pixel_auroc', 'aupro', 'pixel_ap',
-           'image_auroc', 'f1_max')
 KEY_COLUMNS = ('dataset', 'category', 'method', 'variant', 'seed', 'split')
-RESULT_COLUMNS = KEY_COLUMNS + METRICS + ('ms_per_image',)
+RESULT_COLUMNS = KEY_COLUMNS + METRIC_NAMES + ('ms_per_image',)
 TIMING_COLUMNS = ('dataset', 'category', 'method', 'variant', 'seed', 'device', 'ms_batch_1', 'batch_n',
                   'ms_batch_n')
-THRESHOLD_FREE = ('pixel_auroc', 'aupro', 'pixel_ap', 'image_auroc', 'f1_max')
 MAIN = 'main'
 # Table 4's columns: (title, method, variant). 'Data Aug' and 'Original + Diff' are the main cells.
 ABLATION_COLUMNS = (('w/o Data Aug (U-Net)', 'unet', 'no_aug'), ('Data Aug (U-Net)', 'unet', MAIN),
@@ -56,7 +54,7 @@ def rows_from_eval(ev: dict, dataset: str, category: str, method: str, variant: 
                            'oracle' if variant == MAIN else f'{variant}_oracle')):
     if res is None:
       continue
-    out.append({**key, 'variant': var, 'split': split, **{m: float(res.get(m, math.nan)) for m in METRICS},
+    out.append({**key, 'variant': var, 'split': split, **{m: float(res.get(m, math.nan)) for m in METRIC_NAMES},
                 'ms_per_image': ms})
   return out
 

@@ -30,45 +30,14 @@ def _setup(devices: int) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
-def _tiny_config(method: str, size: int, batch: int, dtype: str = 'float32'):
+def create_tiny(name: str, size: int, batch: int):
+  """(method, numpy batch) of a registry method at a tiny size (semiseg.methods.testing); the state is
+  made here on each mesh."""
   from configs import synthetic
-  c = synthetic.get_config(f'washer,smoke,method={method}')
-  c.data.image_size = size
-  c.batch_size = batch
-  c.unlabeled_batch_size = batch
-  c.model.dtype = dtype
-  c.optim.learning_rate = 3e-3
-  return c
-
-
-def create_step_method(name: str, size: int = 16, batch: int = 8, dtype: str = 'float32'):
-  """(method, config) of a registry method at a tiny size; ae_unet gets a freshly initialized AE."""
-  import jax
-  from semiseg.methods import ae_unet, base, create_method
-  ctx = base.MethodContext(image_size=size, texture=False, steps_per_epoch=10)
-  config = _tiny_config(name, size, batch, dtype)
-  if name == 'ae_unet':
-    ae = create_method(_tiny_config('ae', size, batch, dtype), ctx)
-    return ae_unet.create_with_ae(config, ctx, ae.init(jax.random.PRNGKey(5)).params), config
-  return create_method(config, ctx), config
-
-
-def fixed_batch(streams, size: int, batch: int, seed: int = 0) -> dict:
-  """Numpy uint8 images with bright discs and their masks, one dict per stream."""
-  import numpy as np
-  rng = np.random.default_rng(seed)
-  yy, xx = np.mgrid[:size, :size]
-  out = {}
-  for s in streams:
-    images = (rng.random((batch, size, size, 3)) * 60 + 100).astype(np.uint8)
-    masks = np.zeros((batch, size, size, 1), np.uint8)
-    for i in range(batch):
-      cy, cx = rng.integers(3, size - 3, 2)
-      disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 6
-      images[i][disc] = 230
-      masks[i, disc, 0] = 1
-    out[s] = {'image': images, 'mask': masks}
-  return out
+  from semiseg.methods import testing
+  config = testing.shrink(synthetic.get_config(f'washer,smoke,method={name}'), image_size=size, batch_size=batch)
+  method = testing.create_untrained(config, testing.context(config))
+  return method, testing.fixed_batch(method.streams, size, batch)
 
 
 def _run_steps(method, batch_np, mesh, num_steps: int):
@@ -103,10 +72,9 @@ def cmd_steps(args) -> dict:
   full, one = sharding.create_mesh(), sharding.create_mesh(jax.devices()[:1])
   out = {'device_count': jax.device_count(), 'methods': {}}
   for name in names:
-    method, _ = create_step_method(name, args.size, args.batch)
+    method, batch = create_tiny(name, args.size, args.batch)
     if method.train_step is None:
       continue
-    batch = fixed_batch(method.streams, args.size, args.batch)
     t0 = time.perf_counter()
     s_full, l_full, info = _run_steps(method, batch, full, args.num_steps)
     s_one, l_one, _ = _run_steps(method, batch, one, args.num_steps)
@@ -188,9 +156,9 @@ def cmd_bench(args) -> dict:
   """Images/s of the jitted AE + U-Net train step on every (fake) device, after one warm-up step."""
   import jax
   from semiseg import sharding
-  method, _ = create_step_method('ae_unet', args.size, args.batch)
+  method, batch_np = create_tiny('ae_unet', args.size, args.batch)
   mesh = sharding.create_mesh()
-  batch = sharding.to_global(fixed_batch(method.streams, args.size, args.batch), mesh)
+  batch = sharding.to_global(batch_np, mesh)
   state = sharding.create_sharded_state(method.init, jax.random.PRNGKey(0), mesh)
   state = state.replace(extras=jax.device_put(method.extras, sharding.replicated(mesh)))
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)

@@ -1,4 +1,4 @@
-"""Tests for semiseg.metrics against scikit-learn, hand counts and a hand-computed AUPRO."""
+"""Tests for semiseg.metrics (and its curves) against scikit-learn, hand counts and a hand-computed AUPRO."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from sklearn import metrics as skm
 
-from semiseg import metrics
+from semiseg import curves, metrics
 
 
 def _smooth_maps(seed: int, b: int = 12, h: int = 48, w: int = 48, num_good: int = 3):
@@ -106,42 +106,6 @@ def test_batching_does_not_change_exact_results():
   one.update(scores, masks)
   many = _feed(metrics.SegmentationMetrics(0.5, exact=True), scores, masks, batch=2)
   assert one.result() == pytest.approx(many.result(), abs=1e-12)
-
-
-# ---------------------------------------------------------------- thresholds
-
-@pytest.mark.parametrize('decimals', [None, 1])
-def test_fit_threshold_matches_roc_curve_youden(decimals):
-  rng = np.random.default_rng(5)
-  for _ in range(20):
-    y = rng.random(500) < rng.uniform(0.05, 0.5)
-    s = rng.normal(size=500) + rng.uniform(0, 1.5) * y
-    if decimals is not None:
-      s = np.round(s, decimals)
-    fpr, tpr, thr = skm.roc_curve(y, s)
-    assert metrics.fit_threshold(s, y) == thr[np.argmax(tpr - fpr)]
-
-
-def test_fit_threshold_returns_inf_when_nothing_beats_empty_prediction():
-  y = np.array([0, 1, 0, 1])
-  s = np.array([3.0, 2.0, 1.0, 0.0])  # worse than chance at every threshold
-  fpr, tpr, thr = skm.roc_curve(y, s)
-  assert metrics.fit_threshold(s, y) == thr[np.argmax(tpr - fpr)] == np.inf
-
-
-def test_fit_threshold_binned_is_lower_edge_of_exact_threshold_bin():
-  # One distinct score per bin centre: the binned threshold must select the same pixels.
-  rng = np.random.default_rng(6)
-  s = (rng.integers(0, 100, size=2000) + 0.5) / 100
-  y = rng.random(2000) < 0.15 + 0.6 * s
-  exact_t = metrics.fit_threshold(s, y)
-  acc = metrics.SegmentationMetrics(num_bins=100, score_range=(0.0, 1.0))
-  acc.update(s.reshape(1, 40, 50), y.reshape(1, 40, 50))
-  pos, neg, edges = acc.histograms()
-  binned_t = metrics.fit_threshold_binned(pos, neg, edges)
-  assert binned_t == acc.fit_threshold()
-  assert binned_t == pytest.approx(exact_t - 0.005)
-  np.testing.assert_array_equal(s >= binned_t, s >= exact_t)
 
 
 # ---------------------------------------------------------------- AUPRO
@@ -268,4 +232,4 @@ def test_input_validation():
   with pytest.raises(ValueError):
     acc.update(np.zeros((2, 4, 4)), np.zeros((2, 4, 4)), ['good'])
   with pytest.raises(ValueError):
-    metrics.fit_threshold(np.arange(4.0), np.zeros(4))
+    curves.fit_threshold(np.arange(4.0), np.zeros(4))

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from semiseg import figures, paper_results, report
+from semiseg import figures, metrics, paper_results, report
 
 
 def hand_rows():
@@ -16,7 +16,7 @@ def hand_rows():
   rows = []
   for (c, m, s), v in values.items():
     base = dict(dataset='synthetic_defects', category=c, method=m, seed=s, ms_per_image=1.0,
-                **{k: 0.5 for k in report.METRICS})
+                **{k: 0.5 for k in metrics.METRIC_NAMES})
     rows.append({**base, 'variant': 'main', 'split': 'test', 'defect_iou': v})
     rows.append({**base, 'variant': 'main', 'split': 'train', 'defect_iou': 1 - v})
   return rows, values
@@ -65,7 +65,7 @@ def test_paper_columns_for_mvtec():
 
 
 def test_csv_round_trip_and_rows_of_an_eval(tmp_path):
-  res = {k: 0.1 for k in report.METRICS}
+  res = {k: 0.1 for k in metrics.METRIC_NAMES}
   ev = {'test': {**res, 'image_auroc': math.nan}, 'train': res, 'oracle': {'threshold': 0.3, 'test': res},
         'ms_per_image': {'batch_1': 2.0, 'batch_16': 0.5, 'device': 'cpu'}}
   rows = report.rows_from_eval(ev, 'mvtec_ad', 'bottle', 'ae', 'main', 3)

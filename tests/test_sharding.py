@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from semiseg import sharding
-from semiseg.methods import REGISTRY
-from tests import multihost_worker
+from configs import synthetic
+from semiseg.methods import REGISTRY, testing
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'multihost_worker.py')
 CLUSTER_VARS = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID', 'SLURM_NTASKS',
@@ -107,15 +107,11 @@ def test_multihost_start_from_flags_and_environment(initialize_calls, monkeypatc
 
 @pytest.mark.parametrize('name', ['unet', 'ae_unet'])
 def test_bfloat16_step_keeps_float32_params_and_loss(name):
-  batch_np = multihost_worker.fixed_batch(('labeled',), 16, 4)
-  batch = jax.tree.map(jax.numpy.asarray, batch_np)
   losses = {}
   for dtype in ('float32', 'bfloat16'):
-    method, _ = multihost_worker.create_step_method(name, size=16, batch=4, dtype=dtype)
-    state = method.init(jax.random.PRNGKey(0))
-    if method.extras is not None:
-      state = state.replace(extras=method.extras)
-    new, metrics = jax.jit(method.train_step)(state, batch)
+    tiny = testing.create_tiny(synthetic.get_config(f'washer,smoke,method={name}'), batch_size=4, dtype=dtype)
+    method, state = tiny.method, tiny.state
+    new, metrics = jax.jit(method.train_step)(state, tiny.batch)
     assert metrics['loss'].dtype == jax.numpy.float32 and np.isfinite(float(metrics['loss']))
     assert {x.dtype for x in jax.tree.leaves(new.params)} == {np.dtype('float32')}
     assert any(bool(jax.numpy.any(a != b)) for a, b in zip(jax.tree.leaves(state.params),

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from semiseg import augment
-from semiseg.methods import base, pi_model, unet
+from semiseg.methods import base, consistency, unet
 from semiseg.models.unet import UNet
 
 
@@ -23,9 +23,9 @@ def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, tx: op
   images, masks = unet.augmented_labeled(state, batch, spec)
   unlabeled = base.to_float(batch['unlabeled']['image'])
   in_hw = tuple(unlabeled.shape[1:3])
-  v1, v2, m1, m2 = pi_model.two_views(jax.random.fold_in(base.step_key(state), 1), unlabeled, spec)
+  v1, v2, m1, m2 = consistency.two_views(jax.random.fold_in(base.step_key(state), 1), unlabeled, spec)
   b = images.shape[0]
-  weight = pi_model.rampup_weight(state.step, max_weight, rampup_steps)
+  weight = consistency.rampup_weight(state.step, max_weight, rampup_steps)
   # The teacher's view is a target: no gradient reaches the teacher (it is not even a parameter).
   p_teacher = jax.lax.stop_gradient(
       jax.nn.sigmoid(model.apply(state.extras['teacher'], v2).astype(jnp.float32)))
@@ -34,14 +34,14 @@ def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, tx: op
     logits = model.apply(params, jnp.concatenate([images, v1]))
     ce = base.sigmoid_bce(logits[:b], masks)
     p_student = jax.nn.sigmoid(logits[b:].astype(jnp.float32))
-    consistency = pi_model.aligned_consistency(p_student, p_teacher, m1, m2, in_hw)
-    return ce + weight * consistency, (ce, consistency)
+    agreement = consistency.aligned_consistency(p_student, p_teacher, m1, m2, in_hw)
+    return ce + weight * agreement, (ce, agreement)
 
-  (loss, (ce, consistency)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (ce, agreement)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new = base.apply_updates(state, grads, tx)
   # EMA of the updated student (after the optimizer step, as in the paper's Algorithm).
   new = new.replace(extras={'teacher': ema(state.extras['teacher'], new.params, ema_decay)})
-  return new, {'loss': loss, 'ce': ce, 'consistency': consistency, 'consistency_weight': weight}
+  return new, {'loss': loss, 'ce': ce, 'consistency': agreement, 'consistency_weight': weight}
 
 
 def predict(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: UNet) -> jax.Array:
@@ -62,7 +62,7 @@ def create(config, ctx: base.MethodContext) -> base.Method:
   model = unet.create_model(config)
   tx = base.optimizer_from_config(config, ctx)
   spec = base.augment_spec(config, ctx)
-  max_weight, rampup_steps = pi_model.consistency_settings(config)
+  max_weight, rampup_steps = consistency.settings(config)
   ema_decay = float(config.consistency.ema_decay)
   if not 0 <= ema_decay < 1:
     raise ValueError(f'config.consistency.ema_decay must be in [0, 1), got {ema_decay}.')

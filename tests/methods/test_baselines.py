@@ -9,23 +9,13 @@ import pytest
 
 from configs import synthetic
 from semiseg import augment
-from semiseg.methods import anogan, base, create_method, pi_model
+from semiseg.methods import anogan, base, consistency, create_method, testing
 from tests.methods.test_steps import SIZE, fixed_batch
 
 
 def tiny_config(method, **overrides):
-  c = synthetic.get_config(f'washer,smoke,method={method}')
-  c.data.image_size = SIZE
-  c.batch_size = 4
-  c.unlabeled_batch_size = 4
-  c.optim.learning_rate = 3e-3
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return testing.shrink(synthetic.get_config(f'washer,smoke,method={method}'), image_size=SIZE, batch_size=4,
+                        overrides=overrides)
 
 
 def ctx(texture=False):
@@ -98,8 +88,8 @@ def test_pca_textures_fit_on_tiles_like_the_tiled_prediction():
 
 @functools.lru_cache(maxsize=None)
 def make(method):
-  m = create_method(tiny_config(method), ctx())
-  return m, jax.jit(m.init)(jax.random.PRNGKey(0)), jax.jit(m.train_step)
+  tiny = testing.create_tiny(synthetic.get_config(f'washer,smoke,method={method}'), image_size=SIZE, batch_size=4)
+  return tiny.method, tiny.state, jax.jit(tiny.method.train_step)
 
 
 def test_anogan_step_updates_both_players_and_is_finite():
@@ -159,11 +149,11 @@ def test_aligned_consistency_is_zero_for_an_equivariant_model_and_positive_other
     rows = jnp.arange(v.shape[1], dtype=jnp.float32)[None, :, None, None] / v.shape[1]
     return jax.nn.sigmoid(4.0 * v[..., :1] - 2.0 + 3.0 * rows)
 
-  _, valid = pi_model.align_to_view1(per_pixel(v2), m1, m2, in_hw)
+  _, valid = consistency.align_to_view1(per_pixel(v2), m1, m2, in_hw)
   assert float(valid.mean()) > 0.2
-  zero = pi_model.aligned_consistency(per_pixel(v1), per_pixel(v2), m1, m2, in_hw)
+  zero = consistency.aligned_consistency(per_pixel(v1), per_pixel(v2), m1, m2, in_hw)
   assert float(zero) < 1e-12
-  assert float(pi_model.aligned_consistency(positional(v1), positional(v2), m1, m2, in_hw)) > 1e-3
+  assert float(consistency.aligned_consistency(positional(v1), positional(v2), m1, m2, in_hw)) > 1e-3
 
 
 @pytest.mark.parametrize('texture', [False, True])
@@ -179,7 +169,7 @@ def test_valid_region_reads_only_pixels_that_saw_the_image(texture):
   # Coverage: 1 where every bilinear neighbour lay inside x; less where the zero border leaked in.
   cov1 = augment.warp_batch(ones, m1, out_hw, 1, 'constant')
   cov2 = augment.warp_batch(ones, m2, out_hw, 1, 'constant')
-  cov2_in_1, valid = pi_model.align_to_view1(cov2, m1, m2, in_hw)
+  cov2_in_1, valid = consistency.align_to_view1(cov2, m1, m2, in_hw)
   v = np.asarray(valid, bool)
   assert 0.2 < v.mean() < 1.0
   # valid_region accepts points up to 1e-3 px past an edge (float slack of composed matrices), where
@@ -220,9 +210,9 @@ def test_semi_supervised_overfits_one_batch(method):
 
 
 def test_rampup_is_the_sigmoid_schedule():
-  w = [float(pi_model.rampup_weight(jnp.asarray(s), 2.0, 10)) for s in (0, 5, 10, 20)]
+  w = [float(consistency.rampup_weight(jnp.asarray(s), 2.0, 10)) for s in (0, 5, 10, 20)]
   np.testing.assert_allclose(w, [2 * np.exp(-5), 2 * np.exp(-5 * 0.25), 2.0, 2.0], rtol=1e-6)
-  assert float(pi_model.rampup_weight(jnp.asarray(0), 2.0, 0)) == 2.0
+  assert float(consistency.rampup_weight(jnp.asarray(0), 2.0, 0)) == 2.0
 
 
 def test_mean_teacher_is_the_ema_of_the_student():

@@ -9,49 +9,23 @@ import pytest
 
 from configs import synthetic
 from semiseg import methods
-from semiseg.methods import ae_unet, autoencoder, base, unet
+from semiseg.methods import ae_unet, autoencoder, base, testing
 
 SIZE = 16
 
 
 def tiny_config(method):
-  c = synthetic.get_config(f'washer,smoke,method={method}')
-  c.data.image_size = SIZE
-  c.batch_size = 4
-  c.optim.learning_rate = 3e-3
-  return c
+  return testing.shrink(synthetic.get_config(f'washer,smoke,method={method}'), image_size=SIZE, batch_size=4)
 
 
 def fixed_batch(seed=0, size=SIZE):
-  rng = np.random.default_rng(seed)
-  yy, xx = np.mgrid[:size, :size]
-  images, masks = [], []
-  for _ in range(4):
-    cy, cx = rng.integers(4, size - 4, 2)
-    m = ((yy - cy) ** 2 + (xx - cx) ** 2 <= 9).astype(np.uint8)
-    img = (rng.random((size, size, 3)) * 60 + 100).astype(np.uint8)
-    img[m.astype(bool)] = 230
-    images.append(img)
-    masks.append(m[..., None])
-  b = {'image': jnp.asarray(np.stack(images)), 'mask': jnp.asarray(np.stack(masks))}
-  return {'labeled': b, 'unlabeled': b}
+  return testing.fixed_batch(('labeled', 'unlabeled'), size, 4, seed)
 
 
 @functools.lru_cache(maxsize=None)
 def make(method):
-  config = tiny_config(method)
-  ctx = base.MethodContext(image_size=SIZE, texture=False, steps_per_epoch=10)
-  if method == 'ae':
-    m = autoencoder.create(config, ctx)
-  elif method == 'unet':
-    m = unet.create(config, ctx)
-  else:
-    ae = autoencoder.create(tiny_config('ae'), ctx)
-    m = ae_unet.create_with_ae(config, ctx, ae.init(jax.random.PRNGKey(5)).params)
-  state = m.init(jax.random.PRNGKey(0))
-  if m.extras is not None:
-    state = state.replace(extras=m.extras)
-  return m, state, jax.jit(m.train_step)
+  tiny = testing.create_tiny(synthetic.get_config(f'washer,smoke,method={method}'), image_size=SIZE, batch_size=4)
+  return tiny.method, tiny.state, jax.jit(tiny.method.train_step)
 
 
 METHODS = ['ae', 'unet', 'ae_unet']
