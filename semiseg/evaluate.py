@@ -11,32 +11,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from semiseg import augment, curves, io, metrics, sharding
+from semiseg import augment, curves, fileio, metrics, sharding
 from semiseg.methods import base
 
 log = logging.getLogger(__name__)
 
 
-class Predictor:
-  """``method.predict`` jitted once for a fixed batch; textures cut into tiles and stitched back."""
+class Scorer:
+  """``method.score_map`` (or another per-image map, ``fn``: its reconstruction) jitted once for a fixed
+  batch, over any number of images; textures cut into tiles and stitched back."""
 
   def __init__(self, method: base.Method, state: base.TrainState, ctx: base.MethodContext, mesh,
                batch_size: int, fn=None):
     self.state, self.ctx, self.mesh = state, ctx, mesh
     n = mesh.devices.size
     self.batch_size = max(n, (batch_size + n - 1) // n * n)  # padded to a multiple of the devices
-    predict = fn or method.predict
+    score_map = fn or method.score_map
     tile = ctx.image_size
 
     def run(state, images_uint8):
       images = base.to_float(images_uint8)
       if ctx.texture:
         b, h, w, _ = images.shape
-        out = predict(state, augment.to_tiles(images, tile))
+        out = score_map(state, augment.to_tiles(images, tile))
         out = out[..., None] if out.ndim == 3 else out
         out = augment.from_tiles(out, b, h, w)
         return out[..., 0] if out.shape[-1] == 1 else out
-      return predict(state, images)
+      return score_map(state, images)
     self._jit = jax.jit(run)
 
   def __call__(self, images_uint8_BxHxWx3: np.ndarray) -> np.ndarray:
@@ -106,12 +107,12 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
   threshold on the labeled images by the paper's rule (``threshold_rule='labeled'``); the test-fitted
   ``oracle`` threshold is reported alongside, under that name, never as the main number.
   ``score_sink(split_name, scores_NxHxW)``, when given, sees the 'test' and 'train' score maps
-  (figures and overlays without predicting a second time).
+  (figures and overlays without scoring a second time).
   """
   num_bins = int(config.get('num_bins', 1000))
-  predictor = Predictor(method, state, ctx, mesh, config.eval_batch_size)
-  test_scores = predictor(data.test.images)
-  train_scores = predictor(data.labeled.images)
+  scorer = Scorer(method, state, ctx, mesh, config.eval_batch_size)
+  test_scores = scorer(data.test.images)
+  train_scores = scorer(data.labeled.images)
   if score_sink is not None:
     score_sink('test', test_scores)
     score_sink('train', train_scores)
@@ -137,11 +138,11 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
     out['oracle'] = {'threshold': oracle_t, 'test': metrics_at(test_scores, data.test, oracle_t, num_bins)[0]}
   if time_it and len(data.test):
     out['ms_per_image'] = {
-        'batch_1': predictor.time_per_image(data.test.images, 1) if mesh.devices.size == 1 else None,
-        f'batch_{predictor.batch_size}': predictor.time_per_image(data.test.images, predictor.batch_size),
+        'batch_1': scorer.time_per_image(data.test.images, 1) if mesh.devices.size == 1 else None,
+        f'batch_{scorer.batch_size}': scorer.time_per_image(data.test.images, scorer.batch_size),
         'device': str(jax.devices()[0].platform)}
   if workdir is not None and jax.process_index() == 0:
-    io.write_json_atomic(os.path.join(workdir, 'eval.json'), out)
+    fileio.write_json_atomic(os.path.join(workdir, 'eval.json'), out)
   return out
 
 

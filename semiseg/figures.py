@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import io as _io
+import io
 import math
 import os
 from collections import defaultdict
 
 import numpy as np
 
-from semiseg import io
+from semiseg import fileio
 from semiseg.paper_results import COLUMN_NAMES
 
 
 def write_png(path: str, image_HxWxC: np.ndarray) -> None:
   """A uint8 (or uint16 grayscale) array as a PNG file."""
   from PIL import Image
-  buf = _io.BytesIO()
+  buf = io.BytesIO()
   Image.fromarray(image_HxWxC).save(buf, format='PNG')
-  io.write_bytes_atomic(path, buf.getvalue())
+  fileio.write_bytes_atomic(path, buf.getvalue())
 
 
 def overlay_image(image_HxWx3: np.ndarray, score_HxW: np.ndarray, pred_HxW: np.ndarray,
@@ -77,10 +77,10 @@ def figure6(path: str, images: np.ndarray, masks: np.ndarray, reconstruction: np
       if j == 0:
         ax.set_ylabel(titles[i], fontsize=6)
   fig.tight_layout(pad=0.3)
-  buf = _io.BytesIO()
+  buf = io.BytesIO()
   fig.savefig(buf, format='png', dpi=110)
   plt.close(fig)
-  io.write_bytes_atomic(path, buf.getvalue())
+  fileio.write_bytes_atomic(path, buf.getvalue())
 
 
 def figure_indices(defect_types: list[str], masks: np.ndarray, n: int) -> list[int]:

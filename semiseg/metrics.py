@@ -238,14 +238,14 @@ class SegmentationMetrics:
         defect); None leaves those metrics nan (e.g. when fitting a threshold).
       num_bins: histogram bins over score_range (binned mode).
       score_range: (low, high) of the histograms. Scores outside are clipped. Must be given
-        in binned mode: fit it beforehand (e.g. on the labeled images' scores) or choose a
+        in binned mode: set it beforehand (e.g. from the labeled images' scores) or choose a
         generous one; None is allowed only with exact=True.
       exact: keep every score and compute the threshold-free metrics exactly.
       fpr_limit: the FPR up to which the PRO curve is integrated.
     """
     if not exact:
       if score_range is None:
-        raise ValueError('binned mode needs score_range; fit it first or use exact=True')
+        raise ValueError('binned mode needs score_range; set it first or use exact=True')
       if not (np.isfinite(score_range).all() and score_range[0] < score_range[1]):
         raise ValueError(f'score_range must be finite and increasing, got {score_range}')
       if num_bins < 1:

@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from semiseg import curves, evaluate, figures, io, report, restore
-from semiseg.data import layout
+from semiseg import curves, evaluate, figures, fileio, report, restore
+from semiseg.data import mvtec_tree
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,17 @@ def output_stem(file: str, input_path: str) -> str:
   return os.path.splitext(rel)[0].replace(os.sep, '__')
 
 
-def choose_threshold(method, config, workdir: str, data, predictor) -> tuple[float, str]:
+def choose_threshold(method, config, workdir: str, data, scorer) -> tuple[float, str]:
   """config.threshold for probability maps; for anomaly scores the workdir's eval.json threshold,
   else the paper's rule (max TPR - FPR) fitted on the labeled images."""
   if method.score_kind != 'anomaly':
     return float(config.threshold), 'config.threshold (probability map)'
   path = os.path.join(workdir, 'eval.json')
   if os.path.exists(path):
-    ev = io.read_json(path)
+    ev = fileio.read_json(path)
     if ev.get('method') == method.name and ev.get('threshold') is not None:
       return float(ev['threshold']), f'{path} ({ev.get("threshold_rule", "?")} rule)'
-  t = curves.fit_threshold(predictor(data.labeled.images), evaluate.masks_2d(data.labeled))
+  t = curves.fit_threshold(scorer(data.labeled.images), evaluate.masks_2d(data.labeled))
   return t, f'fitted on the {len(data.labeled)} labeled images (max TPR - FPR): no eval.json in {workdir}'
 
 
@@ -73,8 +73,8 @@ def _chunks(files: list[str], size: int, failed: list) -> Iterator[list[tuple[st
   chunk = []
   for f in files:
     try:
-      chunk.append((f, layout.load_image(f)))
-    except (layout.LayoutError, OSError, ValueError) as e:
+      chunk.append((f, mvtec_tree.load_image(f)))
+    except (mvtec_tree.LayoutError, OSError, ValueError) as e:
       log.warning('Skipping %s: %s', f, e)
       failed.append((f, str(e).splitlines()[0]))
       continue
@@ -90,12 +90,12 @@ def predict(config, workdir: str, input_path: str, out_dir: str, progress: bool 
   ``<stem>_overlay.png`` per readable image, plus ``summary.csv`` and ``predict.json``, into ``out_dir``.
 
   Images are resized to the stored size (textures: 2x the network input, then tiled by the
-  Predictor), predicted, and the score map resized back bilinearly before thresholding.
+  Scorer), scored, and the score map resized back bilinearly before thresholding.
   """
   files = list_inputs(input_path)
   method, state, data, ctx, mesh = restore.restore_trained(config, workdir)  # never trains
-  predictor = evaluate.Predictor(method, state, ctx, mesh, config.eval_batch_size)
-  threshold, source = choose_threshold(method, config, workdir, data, predictor)
+  scorer = evaluate.Scorer(method, state, ctx, mesh, config.eval_batch_size)
+  threshold, source = choose_threshold(method, config, workdir, data, scorer)
   del data  # only needed for a fitted threshold
   log.info('%s threshold %.4f: %s', method.name, threshold, source)
   stored = 2 * config.data.image_size if ctx.texture else config.data.image_size
@@ -104,9 +104,9 @@ def predict(config, workdir: str, input_path: str, out_dir: str, progress: bool 
   rows, failed = [], []
   bar = tqdm(total=len(files), desc='predict', unit='img', disable=not progress, dynamic_ncols=True)
   try:
-    for chunk in _chunks(files, predictor.batch_size, failed):
-      batch = np.stack([layout.resize_image(image, stored) for _, image in chunk])
-      scores = predictor(batch)
+    for chunk in _chunks(files, scorer.batch_size, failed):
+      batch = np.stack([mvtec_tree.resize_image(image, stored) for _, image in chunk])
+      scores = scorer(batch)
       for (f, image), score in zip(chunk, scores):
         h, w = image.shape[:2]
         full = np.clip(resize_scores(score, w, h), 0.0, 1.0)
@@ -114,7 +114,8 @@ def predict(config, workdir: str, input_path: str, out_dir: str, progress: bool 
         stem = os.path.join(out_dir, output_stem(f, input_path))
         figures.write_png(stem + '_mask.png', pred.astype(np.uint8) * 255)
         figures.write_png(stem + '_score.png', (full * 65535 + 0.5).astype(np.uint16))
-        figures.write_png(stem + '_overlay.png', figures.overlay_image(image, full, pred, None, vmax=vmax, min_side=0))
+        overlay = figures.overlay_image(image, full, pred, None, vmax=vmax, min_side=0)
+        figures.write_png(stem + '_overlay.png', overlay)
         rows.append({'file': os.path.relpath(f, input_path) if os.path.isdir(input_path) else f,
                      'defect_pixel_fraction': float(pred.mean()), 'image_score': float(score.max())})
       bar.update(len(chunk))
@@ -122,7 +123,7 @@ def predict(config, workdir: str, input_path: str, out_dir: str, progress: bool 
   finally:
     bar.close()
   report.write_csv(os.path.join(out_dir, 'summary.csv'), rows, SUMMARY_COLUMNS)
-  io.write_json_atomic(os.path.join(out_dir, 'predict.json'), {
+  fileio.write_json_atomic(os.path.join(out_dir, 'predict.json'), {
       'workdir': workdir, 'method': method.name, 'threshold': threshold, 'threshold_source': source,
       'num_predicted': len(rows), 'failed': [{'file': f, 'error': e} for f, e in failed]})
   return PredictResult(rows, failed, threshold, source)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io as _io
+import io
 import math
 from collections import defaultdict
 from typing import Iterable
 
 import numpy as np
 
-from semiseg import io, paper_results
+from semiseg import fileio, paper_results
 from semiseg.metrics import METRIC_NAMES, THRESHOLD_FREE
 from semiseg.methods import paper_order
 
@@ -66,12 +66,12 @@ def timing_from_eval(ev: dict, dataset: str, category: str, method: str, variant
 
 
 def write_csv(path: str, rows: Iterable[dict], columns: tuple[str, ...]) -> None:
-  buf = _io.StringIO()
+  buf = io.StringIO()
   w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction='ignore', lineterminator='\n')
   w.writeheader()
   for r in rows:
     w.writerow({k: ('' if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
-  io.write_text_atomic(path, buf.getvalue())
+  fileio.write_text_atomic(path, buf.getvalue())
 
 
 def read_csv(path: str) -> list[dict]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
-import io as _io
+import io
 import json
 import logging
 import os
@@ -22,8 +22,8 @@ import numpy as np
 from ml_collections import config_dict
 from tqdm.auto import tqdm
 
-from semiseg import evaluate, figures, io, report, sharding, train
-from semiseg.data import categories, layout, pipeline
+from semiseg import evaluate, figures, fileio, report, sharding, train
+from semiseg.data import categories, mvtec_tree, pipeline
 from semiseg import methods
 from semiseg.report import MAIN
 
@@ -79,7 +79,7 @@ def resolve_categories(config) -> list[str]:
   if config.data.name == 'folder':
     if not config.data.root:
       raise ValueError('configs/reproduce.py:folder needs --config.data.root (or --config.categories).')
-    return layout.list_categories(config.data.root)
+    return mvtec_tree.list_categories(config.data.root)
   raise ValueError('config.categories is empty.')
 
 
@@ -161,7 +161,8 @@ def _prerequisite_keys(config) -> tuple[str, ...]:
 def fingerprint(config) -> str:
   """A hash of what decides a cell's result (paths, logging and other methods' groups left out)."""
   d = json.loads(config.to_json_best_effort())
-  ignored = _NOT_FINGERPRINTED + _prerequisite_keys(config) + tuple(g for g, users in _METHOD_GROUPS.items() if config.method not in users)
+  other_groups = tuple(g for g, users in _METHOD_GROUPS.items() if config.method not in users)
+  ignored = _NOT_FINGERPRINTED + _prerequisite_keys(config) + other_groups
   for key in ignored:
     node = d
     *parents, leaf = key.split('.')
@@ -175,7 +176,7 @@ def finished_eval(workdir: str, fp: str) -> dict | None:
   """The cell's eval.json when it was written by a finished cell of the same config, else None."""
   path = os.path.join(workdir, 'eval.json')
   try:
-    ev = io.read_json(path)
+    ev = fileio.read_json(path)
   except (FileNotFoundError, ValueError):
     return None
   return ev if (ev.get('reproduce') or {}).get('fingerprint') == fp else None
@@ -202,9 +203,9 @@ def _is_main() -> bool:
 def _save_npz(path: str, **arrays) -> None:
   if not _is_main():
     return
-  buf = _io.BytesIO()
+  buf = io.BytesIO()
   np.savez_compressed(buf, **arrays)
-  io.write_bytes_atomic(path, buf.getvalue())
+  fileio.write_bytes_atomic(path, buf.getvalue())
 
 
 def _category_inputs(root: str, category: str, data, n: int) -> None:
@@ -220,7 +221,7 @@ def run_cell(cell: Cell, config, root: str, data, mesh, overlay_dir: str | None,
   wd = cell.workdir(root)
   result = train.train(config, wd, mesh=mesh, data=data, progress=progress)
   if _is_main() and not os.path.exists(os.path.join(wd, 'split.json')):
-    io.write_json_atomic(os.path.join(wd, 'split.json'), data.manifest)
+    fileio.write_json_atomic(os.path.join(wd, 'split.json'), data.manifest)
   held: dict[str, np.ndarray] = {}
   ev = evaluate.evaluate(result.method, result.state, result.data, result.ctx, result.mesh, config,
                          workdir=None, score_sink=lambda k, s: held.__setitem__(k, s) if k == 'test' else None)
@@ -229,7 +230,7 @@ def run_cell(cell: Cell, config, root: str, data, mesh, overlay_dir: str | None,
   idx = inputs['indices']
   maps = {'scores': scores[idx].astype(np.float16), 'threshold': np.float32(ev['threshold'])}
   if result.method.reconstruct is not None and len(idx):
-    recon = evaluate.Predictor(result.method, result.state, result.ctx, result.mesh, len(idx),
+    recon = evaluate.Scorer(result.method, result.state, result.ctx, result.mesh, len(idx),
                                fn=result.method.reconstruct)(data.test.images[idx])
     maps['reconstruction'] = (np.clip(recon, 0, 1) * 255 + 0.5).astype(np.uint8)
   _save_npz(os.path.join(wd, 'figure_maps.npz'), **maps)
@@ -243,13 +244,13 @@ def run_cell(cell: Cell, config, root: str, data, mesh, overlay_dir: str | None,
   del scores, held
   ev['reproduce'] = {'cell': cell.name, 'variant': cell.variant, 'fingerprint': fingerprint(config)}
   if _is_main():  # last: its presence marks the cell finished
-    io.write_json_atomic(os.path.join(wd, 'eval.json'), ev)
+    fileio.write_json_atomic(os.path.join(wd, 'eval.json'), ev)
   return ev
 
 
 def reproduce(config, workdir: str, progress: bool = True) -> ReproduceResult:
   """Runs every cell of ``config``'s grid not finished yet in ``workdir``, then writes the report."""
-  with io.workdir_lock(workdir):
+  with fileio.workdir_lock(workdir):
     return _reproduce_locked(config, workdir, progress)
 
 
@@ -354,5 +355,5 @@ def write_report(config, root: str, cells: list[Cell], run: list[str], done: lis
   text = report.build_markdown(dataset=config.data.name, rows=rows, timing=timing, counts=counts,
                                figures=figure_paths, notes=notes,
                                overlay_dir=overlay_rel if os.path.isdir(os.path.join(root, overlay_rel)) else None)
-  io.write_text_atomic(path, text + '\n')
+  fileio.write_text_atomic(path, text + '\n')
   return ReproduceResult(rows, timing, path, run, done, failed, skipped_methods)

@@ -14,7 +14,7 @@ from typing import Callable
 
 import jax
 
-from semiseg import checkpoint, io, sharding
+from semiseg import checkpoint, fileio, sharding
 from semiseg.data import categories, pipeline
 from semiseg.methods import base, create_method, prerequisites, validate_method
 
@@ -91,7 +91,7 @@ def recorded_prerequisite_workdir(workdir: str, key: str) -> str | None:
   path = os.path.join(workdir, 'run_info.json')
   if not os.path.exists(path):
     return None
-  return (io.read_json(path).get('config') or {}).get(key)
+  return (fileio.read_json(path).get('config') or {}).get(key)
 
 
 def prerequisite_workdir(config, name: str, req: base.Prerequisite, workdir: str | None) -> str:

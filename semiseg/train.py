@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from semiseg import checkpoint, io, restore, sharding
+from semiseg import checkpoint, fileio, restore, sharding
 from semiseg.data import categories, pipeline
 from semiseg.methods import base, prerequisites
 
@@ -75,7 +75,7 @@ def train(config, workdir: str, mesh=None, data=None, progress: bool = True) -> 
   """Trains ``config.method`` in ``workdir``, resuming from its latest checkpoint."""
   config = categories.apply_category_rules(config)  # texture, border and flips of its category
   # One lock per run: process 0 holds it (the others share its workdir, often on the same host).
-  with io.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+  with fileio.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
     return _train_locked(config, workdir, mesh, data, progress)
 
 
@@ -98,7 +98,7 @@ def _train_locked(config, workdir, mesh, data, progress) -> TrainResult:
   method, data, ctx, mesh, total = restore.build(config, workdir, mesh, data,
                                                  resolve_prerequisites=train_prerequisites)
   if jax.process_index() == 0:
-    io.write_json_atomic(os.path.join(workdir, 'run_info.json'), io.run_info(config))
+    fileio.write_json_atomic(os.path.join(workdir, 'run_info.json'), fileio.run_info(config))
   ckpt = checkpoint.Checkpointer(workdir, config.ckpt.every_steps, config.ckpt.keep)
   try:
     state, resumed = _initial_state(method, config, ckpt, mesh)
@@ -106,10 +106,10 @@ def _train_locked(config, workdir, mesh, data, progress) -> TrainResult:
     if resumed is not None:
       log.info('Resumed %s from step %d in %s', config.method, step, ckpt.directory)
 
-    if method.train_step is None:  # closed-form method: one fit over the unlabeled images
+    if method.train_step is None:  # closed-form method: solved once from the unlabeled images
       if step == 0:
         images = sharding.from_full_array(data.unlabeled.images, mesh)  # any count, any process count
-        state = jax.jit(method.fit)(state, images)
+        state = jax.jit(method.solve)(state, images)
         step = int(jax.device_get(state.step))
         ckpt.save(step, state, restore.checkpoint_meta(config, step, step, True), force=True)
       ckpt.wait()

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from configs import synthetic
-from semiseg import io, predict, train
+from semiseg import fileio, predict, train
 
 
 @pytest.fixture(scope='module')
@@ -51,7 +51,7 @@ def test_folder_with_good_and_bad_files(trained_ae, tmp_path):
 
 def test_threshold_from_eval_json_and_single_image(trained_ae, tmp_path):
   config, wd = trained_ae
-  io.write_json_atomic(os.path.join(wd, 'eval.json'), {'method': 'ae', 'threshold': 0.0,
+  fileio.write_json_atomic(os.path.join(wd, 'eval.json'), {'method': 'ae', 'threshold': 0.0,
                                                        'threshold_rule': 'labeled'})
   try:
     Image.fromarray(np.full((20, 24, 3), 128, np.uint8)).save(tmp_path / 'one.png')

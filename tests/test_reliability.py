@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from configs import synthetic
-from semiseg import io, restore, sharding, train
+from semiseg import fileio, restore, sharding, train
 from semiseg.data import categories
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -246,14 +246,14 @@ def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path
 def test_report_files_survive_a_failed_write(tmp_path, monkeypatch):
   for name in ('eval.json', 'run_info.json', 'split.json'):
     path = str(tmp_path / name)
-    io.write_json_atomic(path, {'old': True})
+    fileio.write_json_atomic(path, {'old': True})
     real_replace = os.replace
 
     def fail(*args, **kwargs):
       raise OSError('disk full')
     monkeypatch.setattr(os, 'replace', fail)
     with pytest.raises(OSError, match='disk full'):
-      io.write_json_atomic(path, {'new': True})
+      fileio.write_json_atomic(path, {'new': True})
     monkeypatch.setattr(os, 'replace', real_replace)
 
     class Half:  # the write itself dies half way
@@ -272,9 +272,9 @@ def test_report_files_survive_a_failed_write(tmp_path, monkeypatch):
     real_fdopen = os.fdopen
     monkeypatch.setattr(os, 'fdopen', lambda fd, mode: Half(real_fdopen(fd, mode)))
     with pytest.raises(OSError, match='mid-write'):
-      io.write_json_atomic(path, {'new': True})
+      fileio.write_json_atomic(path, {'new': True})
     monkeypatch.setattr(os, 'fdopen', real_fdopen)
-    assert io.read_json(path) == {'old': True}
+    assert fileio.read_json(path) == {'old': True}
   assert sorted(os.listdir(tmp_path)) == ['eval.json', 'run_info.json', 'split.json']  # no temp files
 
 
@@ -310,8 +310,9 @@ def test_same_config_and_seed_give_the_same_bits_split_and_run_record(straight, 
   wd = str(tmp_path / 'again')
   result = train.train(config_40(), wd, progress=False)
   assert_same_bits(result.state, straight[1])
-  assert io.read_json(os.path.join(wd, 'split.json')) == io.read_json(os.path.join(straight[0], 'split.json'))
-  info = io.read_json(os.path.join(wd, 'run_info.json'))
+  split_json = lambda folder: fileio.read_json(os.path.join(folder, 'split.json'))
+  assert split_json(wd) == split_json(straight[0])
+  info = fileio.read_json(os.path.join(wd, 'run_info.json'))
   assert {'config', 'versions', 'git_commit', 'devices', 'python', 'platform', 'process_count'} <= set(info)
   # The resolved config: texture, border and flips as the category decided them.
   assert info['config'] == json.loads(categories.apply_category_rules(config_40()).to_json_best_effort())
@@ -322,12 +323,12 @@ def test_same_config_and_seed_give_the_same_bits_split_and_run_record(straight, 
 
 
 def test_embedded_dataset_builds_the_same_twice(tmp_path):
-  from semiseg.data import synthetic_defects, tfds_common
+  from semiseg.data import tfds_common, tfds_synthetic_defects
   counts = {'train': 4, 'test_good': 2, 'defect': 2}
   built = []
   for name in ('a', 'b'):
-    b = synthetic_defects.SyntheticDefects(config=synthetic_defects.config_for('washer', 32, counts=counts),
-                                           data_dir=str(tmp_path / name))
+    config = tfds_synthetic_defects.config_for('washer', 32, counts=counts)
+    b = tfds_synthetic_defects.SyntheticDefects(config=config, data_dir=str(tmp_path / name))
     b.download_and_prepare(file_format='array_record')
     rows = {}
     for split_name, source in sorted(b.as_data_source().items()):

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from configs import reproduce as reproduce_config
-from semiseg import io, report, reproduce, train
+from semiseg import fileio, report, reproduce, train
 
 CELLS = ('ae', 'unet', 'ae_unet', 'unet_no_aug', 'ae_unet_diff')
 
@@ -48,7 +48,7 @@ def test_report_has_every_table_and_the_figures(repro):
   assert fig.size[0] > 600 and fig.size[1] > 300
   test_count = len(report.read_csv(os.path.join(root, 'results.csv')))  # any file: just readable
   assert test_count
-  n_test = int(io.read_json(os.path.join(root, 'washer', 'seed0', 'ae', 'eval.json'))['num_test_images'])
+  n_test = int(fileio.read_json(os.path.join(root, 'washer', 'seed0', 'ae', 'eval.json'))['num_test_images'])
   for method in ('ae', 'unet', 'ae_unet'):
     pngs = os.listdir(os.path.join(root, 'figures', 'overlays', 'washer', method))
     assert len(pngs) == n_test and all(p.endswith('.png') for p in pngs)
@@ -76,7 +76,8 @@ def test_a_changed_config_is_not_finished(repro):
   other.threshold = 0.4
   for c in cells:
     assert reproduce.finished_eval(c.workdir(root), reproduce.fingerprint(reproduce.cell_config(config, c, root)))
-    assert not reproduce.finished_eval(c.workdir(root), reproduce.fingerprint(reproduce.cell_config(other, c, root)))
+    assert not reproduce.finished_eval(c.workdir(root),
+                                       reproduce.fingerprint(reproduce.cell_config(other, c, root)))
 
 
 def test_plan_skips_methods_not_in_the_registry(monkeypatch):
@@ -115,20 +116,21 @@ def test_config_loads_and_locks(arg):
 
 def test_cell_config_sets_category_fields_and_variants(tmp_path):
   config = smoke_config()
-  brick = reproduce.cell_config(config, reproduce.Cell('synthetic_defects', 'brick', 1, 'unet', 'no_aug'), str(tmp_path))
-  washer = reproduce.cell_config(config, reproduce.Cell('synthetic_defects', 'washer', 1, 'ae_unet', 'diff'), str(tmp_path))
+  cell = lambda *args: reproduce.cell_config(config, reproduce.Cell('synthetic_defects', *args), str(tmp_path))
+  brick, washer = cell('brick', 1, 'unet', 'no_aug'), cell('washer', 1, 'ae_unet', 'diff')
   assert brick.data.texture and not washer.data.texture and brick.augment.border == 'reflect'
   assert not brick.augment.enabled and brick.seed == 1 and brick.data.split_seed == config.data.split_seed
   assert washer.model.unet_input == 'diff' and washer.ae_workdir == str(tmp_path / 'washer' / 'seed1' / 'ae')
   assert 'methods' not in washer
   config.ae_num_train_steps = 7
-  ae = reproduce.cell_config(config, reproduce.Cell('synthetic_defects', 'washer', 0, 'ae'), str(tmp_path))
+  ae = cell('washer', 0, 'ae')
   assert ae.method == 'ae' and ae.num_train_steps == 7  # the AE ae_unet reuses
 
 
 def test_fingerprint_ignores_other_methods_groups(tmp_path):
   config = smoke_config()
-  cell = lambda m: reproduce.cell_config(config, reproduce.Cell('synthetic_defects', 'washer', 0, m), str(tmp_path))
+  cell = lambda m: reproduce.cell_config(config, reproduce.Cell('synthetic_defects', 'washer', 0, m),
+                                         str(tmp_path))
   before = {m: reproduce.fingerprint(cell(m)) for m in ('unet', 'pi_model')}
   config.consistency.weight = 3.0
   assert reproduce.fingerprint(cell('unet')) == before['unet']

@@ -67,8 +67,8 @@ def test_ae_workdir_without_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_second_run_on_a_locked_workdir_stops(tmp_path):
-  from semiseg import io
-  with io.workdir_lock(str(tmp_path)):
+  from semiseg import fileio
+  with fileio.workdir_lock(str(tmp_path)):
     with pytest.raises(RuntimeError, match='Another run'):
       train.train(unet_config(2), str(tmp_path), progress=False)
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from semiseg.data import categories, layout, split as split_lib, tfds_common
+from semiseg.data import categories, mvtec_tree, split as split_lib, tfds_common
 
 DATASETS = ('synthetic_defects', 'mvtec_ad', 'folder')
 
@@ -81,10 +81,10 @@ def _read_folder(spec: DataSpec) -> dict[str, Example]:
   if not spec.root:
     raise ValueError('config.data.name="folder" needs config.data.root: the folder holding '
                      '<category>/train/good, <category>/test and <category>/ground_truth.')
-  records = layout.read_tree(spec.root, spec.category)
+  records = mvtec_tree.read_tree(spec.root, spec.category)
   out = {}
   for r in records:
-    image, mask = layout.load_record(r, spec.stored_size)
+    image, mask = mvtec_tree.load_record(r, spec.stored_size)
     out[r.filename] = (image, mask, r.defect_type)
   return out
 
@@ -93,11 +93,11 @@ def create_builder(spec: DataSpec):
   """The TFDS builder of ``spec`` (synthetic at the stored size; MVTec at the paper's sizes)."""
   data_dir = spec.data_dir or os.environ.get('SEMISEG_DATA_DIR') or None
   if spec.name == 'synthetic_defects':
-    from semiseg.data import synthetic_defects  # pylint: disable=g-import-not-at-top
-    return synthetic_defects.SyntheticDefects(
-        config=synthetic_defects.config_for(spec.category, spec.stored_size), data_dir=data_dir)
-  from semiseg.data import mvtec_ad  # pylint: disable=g-import-not-at-top
-  return mvtec_ad.MvtecAd(config=mvtec_ad.config_for(spec.category), data_dir=data_dir)
+    from semiseg.data import tfds_synthetic_defects  # pylint: disable=g-import-not-at-top
+    return tfds_synthetic_defects.SyntheticDefects(
+        config=tfds_synthetic_defects.config_for(spec.category, spec.stored_size), data_dir=data_dir)
+  from semiseg.data import tfds_mvtec_ad  # pylint: disable=g-import-not-at-top
+  return tfds_mvtec_ad.MvtecAd(config=tfds_mvtec_ad.config_for(spec.category), data_dir=data_dir)
 
 
 def _read_tfds(spec: DataSpec) -> dict[str, Example]:
@@ -108,15 +108,15 @@ def _read_tfds(spec: DataSpec) -> dict[str, Example]:
     if not spec.root:
       raise ValueError('config.data.name="mvtec_ad" needs config.data.root: the folder holding '
                        'mvtec_anomaly_detection.tar.xz or its extracted tree (see '
-                       'semiseg/data/mvtec_ad.py for the download).')
+                       'semiseg/data/tfds_mvtec_ad.py for the download).')
     download_config = tfds.download.DownloadConfig(manual_dir=spec.root)
   builder.download_and_prepare(file_format='array_record', download_config=download_config)
   out = {}
   for source in builder.as_data_source().values():
     for i in range(len(source)):
       ex = source[i]
-      image = layout.resize_image(ex['image'], spec.stored_size)
-      mask = layout.resize_mask(ex['mask'], spec.stored_size)
+      image = mvtec_tree.resize_image(ex['image'], spec.stored_size)
+      mask = mvtec_tree.resize_mask(ex['mask'], spec.stored_size)
       out[tfds_common.decode_str(ex['filename'])] = (image, mask,
                                                      tfds_common.decode_str(ex['defect_type']))
   return out

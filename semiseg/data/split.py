@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from semiseg import io
+from semiseg import fileio
 
 GOOD = 'good'
 MANIFEST = 'split.json'
@@ -126,5 +126,5 @@ def load_or_create_manifest(workdir: str | None, test_defect_types: list[str],
       raise ValueError(f'{path}: {len(missing)} file(s) of the saved split are not in the dataset '
                        f'(e.g. {missing[0]!r}); the data changed. Use another workdir or delete it.')
     return saved
-  io.write_json_atomic(path, fresh)  # a concurrent reader sees no file or the whole one
+  fileio.write_json_atomic(path, fresh)  # a concurrent reader sees no file or the whole one
   return fresh

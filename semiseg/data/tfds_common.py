@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from semiseg.data import layout
+from semiseg.data import mvtec_tree
 
 LABELS = ('good', 'defect')
 
@@ -30,7 +30,7 @@ def features(size: int) -> tfds.features.FeaturesDict:
   })
 
 
-def examples(records: list[layout.Record], split: str, size: int) -> Iterator[tuple[str, dict]]:
+def examples(records: list[mvtec_tree.Record], split: str, size: int) -> Iterator[tuple[str, dict]]:
   """(key, example) for the records of ``split``, resized to ``size`` (antialias / nearest)."""
   chosen = [r for r in records if r.split == split]
   # Decode ahead in threads (PIL releases the GIL); TFDS encodes in this thread meanwhile.
@@ -38,9 +38,9 @@ def examples(records: list[layout.Record], split: str, size: int) -> Iterator[tu
     ahead = collections.deque()
     for i, r in enumerate(chosen):
       while len(ahead) < 8 and i + len(ahead) < len(chosen):  # bounded: a few images in memory
-        ahead.append(pool.submit(layout.load_record, chosen[i + len(ahead)], size))
+        ahead.append(pool.submit(mvtec_tree.load_record, chosen[i + len(ahead)], size))
       image, mask = ahead.popleft().result()
-      yield r.filename, {'image': image, 'mask': mask, 'label': int(r.defect_type != layout.GOOD),
+      yield r.filename, {'image': image, 'mask': mask, 'label': int(r.defect_type != mvtec_tree.GOOD),
                        'defect_type': r.defect_type, 'filename': r.filename}
 
 

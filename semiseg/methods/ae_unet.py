@@ -47,7 +47,7 @@ def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, ae_mod
   return base.apply_updates(state, grads, tx), {'loss': loss}
 
 
-def predict(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: UNet, ae_model: ConvAutoencoder,
+def score_map(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: UNet, ae_model: ConvAutoencoder,
             mode: str) -> jax.Array:
   inputs = unet_input(images_BxHxWx3, state.extras['ae_params'], ae_model, mode)
   return jax.nn.sigmoid(model.apply(state.params, inputs)[..., 0])
@@ -97,6 +97,6 @@ def create_with_ae(config, ctx: base.MethodContext, ae_params) -> base.Method:
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size, in_channels=in_channels,
                    ae_abstract=ae_abstract),
       train_step=partial(train_step, model=model, ae_model=ae_model, tx=tx, spec=spec, mode=mode),
-      predict=partial(predict, model=model, ae_model=ae_model, mode=mode),
+      score_map=partial(score_map, model=model, ae_model=ae_model, mode=mode),
       reconstruct=partial(reconstruct, ae_model=ae_model),
       extras={'ae_params': ae_params})

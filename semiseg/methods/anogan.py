@@ -95,7 +95,7 @@ def reconstruct(state: base.TrainState, images_BxHxWx3: jax.Array, **search) -> 
   return search['g_model'].apply(state.params['g'], z_BxD)
 
 
-def predict(state: base.TrainState, images_BxHxWx3: jax.Array, **search) -> jax.Array:
+def score_map(state: base.TrainState, images_BxHxWx3: jax.Array, **search) -> jax.Array:
   """Anomaly score: the channel mean of |I - G(z*)|, in [0, 1] (G ends in a sigmoid)."""
   return jnp.abs(images_BxHxWx3 - reconstruct(state, images_BxHxWx3, **search)).mean(axis=-1)
 
@@ -141,5 +141,5 @@ def create(config, ctx: base.MethodContext) -> base.Method:
                    latent_dim=latent_dim),
       train_step=partial(train_step, g_model=g_model, d_model=d_model, tx_g=tx_g, tx_d=tx_d, spec=spec,
                          latent_dim=latent_dim),
-      predict=partial(predict, **search),
+      score_map=partial(score_map, **search),
       reconstruct=partial(reconstruct, **search))

@@ -70,7 +70,7 @@ def difference(ae_params, images_BxHxWx3: jax.Array, model: ConvAutoencoder) -> 
   return jnp.abs(images_BxHxWx3 - model.apply(ae_params, images_BxHxWx3))
 
 
-def predict(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: ConvAutoencoder) -> jax.Array:
+def score_map(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: ConvAutoencoder) -> jax.Array:
   """Anomaly score map: the channel mean of |I - AE(I)|, in [0, 1]."""
   return difference(state.params, images_BxHxWx3, model).mean(axis=-1)
 
@@ -101,5 +101,5 @@ def create(config, ctx: base.MethodContext) -> base.Method:
       name='ae', streams=('unlabeled',), score_kind='anomaly',
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size),
       train_step=partial(train_step, model=model, tx=tx, spec=spec, loss_kind=config.model.ae_loss),
-      predict=partial(predict, model=model),
+      score_map=partial(score_map, model=model),
       reconstruct=partial(reconstruct, model=model))

@@ -35,9 +35,10 @@ class Method:
     streams: data splits feeding ``train_step``, primary first: 'unlabeled' and/or 'labeled'.
     init: key -> TrainState (pure; run under jit with replicated out_shardings).
     train_step: pure (state, batch) -> (state, metrics dict of scalars); None for closed-form methods.
-    predict: pure (state, images_BxHxWx3 float in [0, 1]) -> scores_BxHxW in [0, 1].
+    score_map: pure (state, images_BxHxWx3 float in [0, 1]) -> scores_BxHxW in [0, 1].
     score_kind: 'probability' (thresholded at config.threshold) or 'anomaly' (threshold fitted by rule).
-    fit: closed-form methods: pure (state, images_NxHxWx3) -> fitted state, run once instead of steps.
+    solve: closed-form methods (pca): pure (state, unlabeled images_NxHxWx3 uint8) -> solved state, run
+      once instead of train steps.
     reconstruct: optional (state, images) -> reconstruction, for figures.
     extras: concrete arrays placed into a freshly initialized state's ``extras`` (init makes zeros of
       their shapes so that the state's structure, and so its checkpoint, is known before training).
@@ -45,12 +46,17 @@ class Method:
   name: str
   streams: tuple[str, ...]
   init: Callable[[jax.Array], TrainState]
-  predict: Callable[[TrainState, jax.Array], jax.Array]
+  score_map: Callable[[TrainState, jax.Array], jax.Array]
   score_kind: str
   train_step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]] | None = None
-  fit: Callable[[TrainState, jax.Array], TrainState] | None = None
+  solve: Callable[[TrainState, jax.Array], TrainState] | None = None
   reconstruct: Callable[[TrainState, jax.Array], jax.Array] | None = None
   extras: Any = None  # arrays the loop puts into a fresh state's ``extras`` (e.g. the frozen AE)
+
+  @property
+  def predict(self) -> Callable[[TrainState, jax.Array], jax.Array]:
+    """The former name of ``score_map``, kept only until semiseg/bench (edited separately) uses it."""
+    return self.score_map
 
 
 @dataclasses.dataclass(frozen=True)

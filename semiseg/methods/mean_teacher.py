@@ -44,7 +44,7 @@ def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, tx: op
   return new, {'loss': loss, 'ce': ce, 'consistency': agreement, 'consistency_weight': weight}
 
 
-def predict(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: UNet) -> jax.Array:
+def score_map(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: UNet) -> jax.Array:
   """The teacher's probabilities (the better model of the two, per Tarvainen and Valpola)."""
   return jax.nn.sigmoid(model.apply(state.extras['teacher'], images_BxHxWx3)[..., 0])
 
@@ -71,4 +71,4 @@ def create(config, ctx: base.MethodContext) -> base.Method:
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size),
       train_step=partial(train_step, model=model, tx=tx, spec=spec, max_weight=max_weight,
                          rampup_steps=rampup_steps, ema_decay=ema_decay),
-      predict=partial(predict, model=model))
+      score_map=partial(score_map, model=model))

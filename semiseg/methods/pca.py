@@ -15,7 +15,7 @@ def flatten(images_NxHxWxC: jax.Array) -> jax.Array:
   return images_NxHxWxC.reshape(images_NxHxWxC.shape[0], -1)
 
 
-def fit_basis(data_NxD: jax.Array, num_components: int, variance: float, max_components: int):
+def principal_basis(data_NxD: jax.Array, num_components: int, variance: float, max_components: int):
   """(mean_D, components_KxD) with K = num_components, or max_components rows of which the first k
   (the fewest reaching ``variance`` of the total) are kept and the rest zero.
 
@@ -51,15 +51,15 @@ def fit_basis(data_NxD: jax.Array, num_components: int, variance: float, max_com
   return mean_D, v_KxD
 
 
-def fit(state: base.TrainState, images_uint8_NxHxWx3: jax.Array, *, image_size: int, texture: bool,
-        num_components: int, variance: float, max_components: int) -> base.TrainState:
+def solve(state: base.TrainState, images_uint8_NxHxWx3: jax.Array, *, image_size: int, texture: bool,
+          num_components: int, variance: float, max_components: int) -> base.TrainState:
   """The basis of the unlabeled images; textures are cut into image_size tiles like at test time."""
   images = base.to_float(images_uint8_NxHxWx3)
   if texture:
     images = augment.to_tiles(images, image_size)
   if images.shape[1:3] != (image_size, image_size):
-    raise ValueError(f'pca: fit images are {images.shape[1:3]} but config.data.image_size={image_size}.')
-  mean_D, components_KxD = fit_basis(flatten(images), num_components, variance, max_components)
+    raise ValueError(f'pca: training images are {images.shape[1:3]} but config.data.image_size={image_size}.')
+  mean_D, components_KxD = principal_basis(flatten(images), num_components, variance, max_components)
   return state.replace(step=jnp.ones((), jnp.int32),
                        params={'mean': mean_D, 'components': components_KxD})
 
@@ -73,7 +73,7 @@ def reconstruct(state: base.TrainState, images_BxHxWx3: jax.Array) -> jax.Array:
   return recon_BxD.reshape(images_BxHxWx3.shape)
 
 
-def predict(state: base.TrainState, images_BxHxWx3: jax.Array) -> jax.Array:
+def score_map(state: base.TrainState, images_BxHxWx3: jax.Array) -> jax.Array:
   """Anomaly score: the channel mean of |I - clip(recon, 0, 1)|, in [0, 1]."""
   recon = jnp.clip(reconstruct(state, images_BxHxWx3), 0.0, 1.0)
   return jnp.abs(images_BxHxWx3 - recon).mean(axis=-1)
@@ -100,7 +100,7 @@ def create(config, ctx: base.MethodContext) -> base.Method:
       name='pca', streams=('unlabeled',), score_kind='anomaly',
       init=partial(init, image_size=ctx.image_size, num_components=num_components,
                    max_components=max_components),
-      fit=partial(fit, image_size=ctx.image_size, texture=ctx.texture, num_components=num_components,
+      solve=partial(solve, image_size=ctx.image_size, texture=ctx.texture, num_components=num_components,
                   variance=variance, max_components=max_components),
-      predict=predict,
+      score_map=score_map,
       reconstruct=reconstruct)

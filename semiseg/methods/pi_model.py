@@ -49,4 +49,4 @@ def create(config, ctx: base.MethodContext) -> base.Method:
       init=partial(unet.init, model=model, tx=tx, image_size=ctx.image_size),
       train_step=partial(train_step, model=model, tx=tx, spec=spec, max_weight=max_weight,
                          rampup_steps=rampup_steps),
-      predict=partial(unet.predict, model=model))
+      score_map=partial(unet.score_map, model=model))

@@ -46,7 +46,7 @@ def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, tx: op
   return base.apply_updates(state, grads, tx), {'loss': loss}
 
 
-def predict(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: UNet) -> jax.Array:
+def score_map(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: UNet) -> jax.Array:
   return jax.nn.sigmoid(model.apply(state.params, images_BxHxWx3)[..., 0])
 
 
@@ -65,4 +65,4 @@ def create(config, ctx: base.MethodContext) -> base.Method:
       name='unet', streams=('labeled',), score_kind='probability',
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size),
       train_step=partial(train_step, model=model, tx=tx, spec=spec),
-      predict=partial(predict, model=model))
+      score_map=partial(score_map, model=model))

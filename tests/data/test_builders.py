@@ -7,7 +7,7 @@ import tarfile
 import numpy as np
 import tensorflow_datasets as tfds
 
-from semiseg.data import mvtec_ad, synthetic_defects, tfds_common
+from semiseg.data import tfds_common, tfds_mvtec_ad, tfds_synthetic_defects
 from tests.data import fake_tree
 
 
@@ -36,8 +36,8 @@ def _check_mvtec(builder, size):
 
 def test_mvtec_from_tree_and_tar_xz(tmp_path):
   tree = fake_tree.write_mvtec(str(tmp_path / 'manual_tree'), per_type=2, categories=['bottle'])
-  config = mvtec_ad.config_for('bottle', 16)
-  b = mvtec_ad.MvtecAd(config=config, data_dir=str(tmp_path / 'tfds'))
+  config = tfds_mvtec_ad.config_for('bottle', 16)
+  b = tfds_mvtec_ad.MvtecAd(config=config, data_dir=str(tmp_path / 'tfds'))
   b.download_and_prepare(file_format='array_record',
                          download_config=tfds.download.DownloadConfig(manual_dir=tree))
   _check_mvtec(b, 16)
@@ -46,23 +46,23 @@ def test_mvtec_from_tree_and_tar_xz(tmp_path):
   manual.mkdir()
   with tarfile.open(manual / 'mvtec_anomaly_detection.tar.xz', 'w:xz') as tar:
     tar.add(f'{tree}/bottle', arcname='bottle')
-  b = mvtec_ad.MvtecAd(config=config, data_dir=str(tmp_path / 'tfds_tar'))
+  b = tfds_mvtec_ad.MvtecAd(config=config, data_dir=str(tmp_path / 'tfds_tar'))
   b.download_and_prepare(file_format='array_record',
                          download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
   _check_mvtec(b, 16)
 
 
 def test_mvtec_configs():
-  names = [c.name for c in mvtec_ad.MvtecAd.BUILDER_CONFIGS]
+  names = [c.name for c in tfds_mvtec_ad.MvtecAd.BUILDER_CONFIGS]
   assert len(names) == 15 and 'bottle' in names
-  sizes = {c.name: c.image_size for c in mvtec_ad.MvtecAd.BUILDER_CONFIGS}
+  sizes = {c.name: c.image_size for c in tfds_mvtec_ad.MvtecAd.BUILDER_CONFIGS}
   assert sizes['carpet'] == 512 and sizes['bottle'] == 256
-  assert 'mvtec_anomaly_detection.tar.xz' in mvtec_ad.MvtecAd.MANUAL_DOWNLOAD_INSTRUCTIONS
+  assert 'mvtec_anomaly_detection.tar.xz' in tfds_mvtec_ad.MvtecAd.MANUAL_DOWNLOAD_INSTRUCTIONS
 
 
 def test_synthetic_builder(tmp_path):
-  config = synthetic_defects.config_for('pcb', 24, counts={'train': 3, 'test_good': 1, 'defect': 2})
-  b = synthetic_defects.SyntheticDefects(config=config, data_dir=str(tmp_path))
+  config = tfds_synthetic_defects.config_for('pcb', 24, counts={'train': 3, 'test_good': 1, 'defect': 2})
+  b = tfds_synthetic_defects.SyntheticDefects(config=config, data_dir=str(tmp_path))
   b.download_and_prepare(file_format='array_record')
   rows = _read_all(b)
   assert len(rows) == 3 + 1 + 2 * 4
@@ -70,7 +70,7 @@ def test_synthetic_builder(tmp_path):
   assert kinds == {'good', 'scratch', 'hole', 'contamination', 'color'}
   for r in rows.values():
     assert r['image'].shape == (24, 24, 3) and r['mask'].any() == bool(r['label'])
-  assert [c.name for c in synthetic_defects.SyntheticDefects.BUILDER_CONFIGS] == [
+  assert [c.name for c in tfds_synthetic_defects.SyntheticDefects.BUILDER_CONFIGS] == [
       'brick', 'grass', 'gravel', 'washer', 'pcb']
 
 

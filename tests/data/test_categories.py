@@ -25,8 +25,9 @@ def test_every_mvtec_category_has_its_rules(category):
 
 
 def test_synthetic_rules_and_unknown_categories():
-  assert categories.settings(config('synthetic_defects', 'gravel')) == categories.Settings(True, 'reflect', True, True)
-  assert categories.settings(config('synthetic_defects', 'pcb')) == categories.Settings(False, 'constant', True, True)
+  settings = lambda category: categories.settings(config('synthetic_defects', category))
+  assert settings('gravel') == categories.Settings(True, 'reflect', True, True)
+  assert settings('pcb') == categories.Settings(False, 'constant', True, True)
   with pytest.raises(ValueError, match=r"config\.data\.category='carpet' is not a category of synthetic_defects"):
     categories.settings(config('synthetic_defects', 'carpet'))
 

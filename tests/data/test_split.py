@@ -7,7 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from semiseg import paper_results
-from semiseg.data import layout, mvtec_ad, split, tfds_common
+from semiseg.data import mvtec_tree, split, tfds_common, tfds_mvtec_ad
 from tests.data import fake_tree
 
 MVTEC_TEXTURES = ('carpet', 'grid', 'leather', 'tile', 'wood')
@@ -50,7 +50,7 @@ def test_table1_by_hand():
 
 def test_paper_rule_labels_every_folder_and_moves_two(tmp_path):
   root = fake_tree.write_category(str(tmp_path), 'c', {'a': 5, 'b': 6}, n_train=4, n_test_good=5)
-  m = _split_of(layout.read_tree(root.rsplit('/', 1)[0], 'c'))
+  m = _split_of(mvtec_tree.read_tree(root.rsplit('/', 1)[0], 'c'))
   assert m['rule'] == 'paper' and m['test_to_unlabeled'] == 2
   assert sorted(f.split('/')[1] for f in m['labeled']) == ['a', 'b', 'good']
   moved = [f for f in m['unlabeled'] if f.startswith('test/')]
@@ -63,7 +63,7 @@ def test_paper_rule_labels_every_folder_and_moves_two(tmp_path):
 def test_k_per_defect_rule_keeps_the_old_split(tmp_path):
   root = fake_tree.write_mvtec(str(tmp_path), per_type=3, size=8, categories=['pill', 'toothbrush'])
   for category, n_types in (('pill', 7), ('toothbrush', 1)):
-    m = _split_of(layout.read_tree(root, category), rule='k_per_defect')
+    m = _split_of(mvtec_tree.read_tree(root, category), rule='k_per_defect')
     assert len(m['labeled']) == n_types
     assert len({f.split('/')[1] for f in m['labeled']}) == n_types and 'good' not in str(m['labeled'])
     assert len(m['test']) == 4 + 2 * n_types and len(m['unlabeled']) == 4
@@ -81,7 +81,7 @@ def test_adding_a_folder_moves_no_other_choice():
 
 def test_through_builder(tmp_path):
   root = fake_tree.write_mvtec(str(tmp_path / 'm'), per_type=4, categories=['pill'])
-  b = mvtec_ad.MvtecAd(config=mvtec_ad.config_for('pill', 8), data_dir=str(tmp_path / 'd'))
+  b = tfds_mvtec_ad.MvtecAd(config=tfds_mvtec_ad.config_for('pill', 8), data_dir=str(tmp_path / 'd'))
   b.download_and_prepare(file_format='array_record',
                          download_config=tfds.download.DownloadConfig(manual_dir=root))
   src = b.as_data_source()
@@ -90,13 +90,13 @@ def test_through_builder(tmp_path):
                        [tfds_common.decode_str(e['filename']) for e in test],
                        [tfds_common.decode_str(e['filename']) for e in src['train']], 1, 0)
   assert len(m['labeled']) == 8  # 7 defect types and good
-  assert m == _split_of(layout.read_tree(root, 'pill'))
+  assert m == _split_of(mvtec_tree.read_tree(root, 'pill'))
 
 
 def test_seed_and_k(tmp_path):
   root = str(tmp_path)
   fake_tree.write_category(root, 'c', {'a': 6, 'b': 6}, n_test_good=6)
-  records = layout.read_tree(root, 'c')
+  records = mvtec_tree.read_tree(root, 'c')
   assert _split_of(records, 2, 0) == _split_of(records, 2, 0)
   assert len(_split_of(records, 2, 0)['labeled']) == 6
   assert any(_split_of(records, 2, 0)['labeled'] != _split_of(records, 2, s)['labeled']
@@ -112,7 +112,7 @@ def test_seed_and_k(tmp_path):
 def test_manifest_written_once_and_checked(tmp_path):
   root = str(tmp_path / 'r')
   fake_tree.write_category(root, 'c', {'a': 4})
-  records = layout.read_tree(root, 'c')
+  records = mvtec_tree.read_tree(root, 'c')
   test = [r for r in records if r.split == 'test']
   args = ([r.defect_type for r in test], [r.filename for r in test],
           [r.filename for r in records if r.split == 'train'])

@@ -36,7 +36,7 @@ def fitted_pca(num_components, variance=0.95, texture=False):
   m = create_method(tiny_config('pca', **{'pca.num_components': num_components, 'pca.variance': variance}),
                     ctx(texture))
   images = pca_images(12, 2 * SIZE if texture else SIZE)
-  state = jax.jit(m.fit)(m.init(jax.random.PRNGKey(0)), jnp.asarray(images))
+  state = jax.jit(m.solve)(m.init(jax.random.PRNGKey(0)), jnp.asarray(images))
   return m, state, images
 
 
@@ -61,7 +61,7 @@ def test_pca_error_map_equals_numpy_svd():
   for probe in (x, pca_images(5, seed=1).reshape(5, -1).astype(np.float64) / 255):  # train and unseen
     recon = np.clip((probe - mean) @ vt.T @ vt + mean, 0, 1)
     expected = np.abs(probe - recon).reshape(-1, SIZE, SIZE, 3).mean(-1)
-    got = np.asarray(m.predict(state, jnp.asarray(probe.reshape(-1, SIZE, SIZE, 3), jnp.float32)))
+    got = np.asarray(m.score_map(state, jnp.asarray(probe.reshape(-1, SIZE, SIZE, 3), jnp.float32)))
     np.testing.assert_allclose(got, expected, atol=2e-5)
     assert got.min() >= 0 and got.max() <= 1
 
@@ -110,13 +110,13 @@ def test_anogan_latent_search_lowers_its_loss_and_scores_in_unit_range():
     state, _ = step(state, fixed_batch())
   image = base.to_float(fixed_batch()['unlabeled']['image'][:2])
   c = tiny_config('anogan')
-  search = dict(g_model=m.predict.keywords['g_model'], d_model=m.predict.keywords['d_model'],
+  search = dict(g_model=m.score_map.keywords['g_model'], d_model=m.score_map.keywords['d_model'],
                 latent_dim=c.anogan.latent_dim, learning_rate=0.05, weight=0.1)
   search_fn = jax.jit(lambda s, x, n: anogan.search_latent(s, x, steps=n, **search), static_argnums=2)
   _, before = search_fn(state, image, 0)
   _, after = search_fn(state, image, 30)
   assert np.all(np.asarray(after) < np.asarray(before)), (before, after)
-  scores = np.asarray(jax.jit(m.predict)(state, image))
+  scores = np.asarray(jax.jit(m.score_map)(state, image))
   assert scores.shape == (2, SIZE, SIZE) and scores.min() >= 0 and scores.max() <= 1
 
 
@@ -205,7 +205,7 @@ def test_semi_supervised_overfits_one_batch(method):
     state, metrics = step(state, batch)
     losses.append(float(metrics['ce']))
   assert losses[-1] < losses[0], losses
-  probs = np.asarray(jax.jit(m.predict)(state, base.to_float(batch['labeled']['image'])))
+  probs = np.asarray(jax.jit(m.score_map)(state, base.to_float(batch['labeled']['image'])))
   assert probs.shape == (4, SIZE, SIZE) and probs.min() >= 0 and probs.max() <= 1
 
 
@@ -225,10 +225,10 @@ def test_mean_teacher_is_the_ema_of_the_student():
     expected = jax.tree.map(lambda t, s: d * t + (1 - d) * np.asarray(s), expected, state.params)
   for got, want in zip(jax.tree.leaves(state.extras['teacher']), jax.tree.leaves(expected)):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-  # predict uses the teacher, not the student.
+  # the score map is the teacher's, not the student's.
   x = base.to_float(fixed_batch()['labeled']['image'])
   teacher_only = state.replace(params=jax.tree.map(jnp.zeros_like, state.params))
-  np.testing.assert_allclose(m.predict(teacher_only, x), m.predict(state, x), atol=1e-6)
+  np.testing.assert_allclose(m.score_map(teacher_only, x), m.score_map(state, x), atol=1e-6)
 
 
 @pytest.mark.parametrize('key,value,method', [

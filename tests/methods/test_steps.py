@@ -99,7 +99,7 @@ def test_ae_score_map_is_channel_mean_abs_difference():
   m, state, _ = make('ae')
   x = jax.random.uniform(jax.random.PRNGKey(3), (2, SIZE, SIZE, 3))
   recon = m.reconstruct(state, x)
-  np.testing.assert_allclose(m.predict(state, x), np.abs(np.asarray(x) - np.asarray(recon)).mean(-1), atol=1e-6)
+  np.testing.assert_allclose(m.score_map(state, x), np.abs(np.asarray(x) - np.asarray(recon)).mean(-1), atol=1e-6)
 
 
 def test_learning_rate_schedule_is_staircase():

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from semiseg.data import layout, synthetic
+from semiseg.data import mvtec_tree, synthetic_render
 from semiseg.data.categories import SYNTHETIC_CATEGORIES
 
 COUNTS = {'train': 2, 'test_good': 1, 'defect': 2}
@@ -19,30 +19,30 @@ def _files(root):
 
 
 def test_tree_layout_and_determinism(tmp_path):
-  a = synthetic.generate_tree(str(tmp_path / 'a'), counts=COUNTS, object_size=32, texture_size=48)
-  b = synthetic.generate_tree(str(tmp_path / 'b'), counts=COUNTS, object_size=32, texture_size=48)
+  a = synthetic_render.generate_tree(str(tmp_path / 'a'), counts=COUNTS, object_size=32, texture_size=48)
+  b = synthetic_render.generate_tree(str(tmp_path / 'b'), counts=COUNTS, object_size=32, texture_size=48)
   fa = _files(a)
   assert fa == _files(b)  # bit-identical
   assert not [f for f in os.listdir(a) if f.startswith('.')]  # temp folders gone
-  assert layout.list_categories(a) == sorted(SYNTHETIC_CATEGORIES)
+  assert mvtec_tree.list_categories(a) == sorted(SYNTHETIC_CATEGORIES)
   for c in SYNTHETIC_CATEGORIES:
-    records = layout.read_tree(a, c)
+    records = mvtec_tree.read_tree(a, c)
     types = {r.defect_type for r in records} - {'good'}
     assert len(types) >= 3
     assert len(records) == 2 + 1 + 2 * len(types)
     for r in records:
-      image, mask = layout.load_record(r)
-      side = 48 if c in synthetic.SYNTHETIC_TEXTURES else 32
+      image, mask = mvtec_tree.load_record(r)
+      side = 48 if c in synthetic_render.SYNTHETIC_TEXTURES else 32
       assert image.shape == (side, side, 3)
       assert mask.any() == (r.defect_type != 'good')
-  c = synthetic.generate_tree(str(tmp_path / 'c'), ['washer'], seed=1, counts=COUNTS,
+  c = synthetic_render.generate_tree(str(tmp_path / 'c'), ['washer'], seed=1, counts=COUNTS,
                               object_size=32)
   assert _files(c)['washer/train/good/000.png'] != fa['washer/train/good/000.png']
 
 
 def test_counts_do_not_move_other_images():
-  a = synthetic.render('gravel', 0, 'test', 'stain', 1, 64)
-  b = synthetic.render('gravel', 0, 'test', 'stain', 1, 64)
+  a = synthetic_render.render('gravel', 0, 'test', 'stain', 1, 64)
+  b = synthetic_render.render('gravel', 0, 'test', 'stain', 1, 64)
   assert all((x == y).all() for x, y in zip(a, b))
 
 
@@ -51,7 +51,7 @@ def test_some_defects_are_low_contrast():
   diffs = []
   for i in range(6):
     rng_args = ('washer', 0, 'test', 'stain', i, 64)
-    image, mask = synthetic.render(*rng_args)
+    image, mask = synthetic_render.render(*rng_args)
     inside = image[mask[..., 0] == 1].astype(float).mean()
     ring = image[(mask[..., 0] == 0)].astype(float)
     diffs.append(abs(inside - np.median(ring)))

@@ -1,11 +1,11 @@
-"""TFDS builder for the embedded synthetic defect set (``synthetic.py``); no download, no TensorFlow.
+"""TFDS builder for the embedded synthetic defect set (``synthetic_render.py``); no download, no TensorFlow.
 
     builder = SyntheticDefects(config='brick', data_dir=...)
     builder.download_and_prepare(file_format='array_record')
     source = builder.as_data_source()  # {'train': ..., 'test': ...}
 
 The tree is generated into a temporary folder (deterministic for the config's seed), read back
-with the same layout reader as MVTec AD and a user's folder, and deleted with the builder.
+with the same tree reader (mvtec_tree.py) as MVTec AD and a user's folder, and deleted with the builder.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import weakref
 
 import tensorflow_datasets as tfds
 
-from semiseg.data import layout, synthetic, tfds_common
+from semiseg.data import mvtec_tree, synthetic_render, tfds_common
 from semiseg.data.categories import SYNTHETIC_CATEGORIES, SYNTHETIC_TEXTURES
 
 
@@ -26,7 +26,7 @@ class SyntheticDefectsConfig(tfds.core.BuilderConfig):
   category: str = ''
   image_size: int = 256  # stored side
   seed: int = 0
-  counts: tuple[tuple[str, int], ...] = ()  # overrides of synthetic.DEFAULT_COUNTS
+  counts: tuple[tuple[str, int], ...] = ()  # overrides of synthetic_render.DEFAULT_COUNTS
 
 
 def config_for(category: str, image_size: int | None = None, seed: int = 0,
@@ -76,9 +76,9 @@ class SyntheticDefects(tfds_common.NoTfBuilder):
     tmp = tempfile.mkdtemp(prefix='semiseg_synthetic_')
     weakref.finalize(self, shutil.rmtree, tmp, True)  # both split generators read it lazily
     # Textures are stored at 2x the object side, so one image_size serves both kinds.
-    synthetic.generate_tree(tmp, [cfg.category], seed=cfg.seed, counts=dict(cfg.counts),
+    synthetic_render.generate_tree(tmp, [cfg.category], seed=cfg.seed, counts=dict(cfg.counts),
                             object_size=cfg.image_size, texture_size=cfg.image_size,
                             compress_level=0)
-    records = layout.read_tree(tmp, cfg.category)
+    records = mvtec_tree.read_tree(tmp, cfg.category)
     return {'train': tfds_common.examples(records, 'train', cfg.image_size),
             'test': tfds_common.examples(records, 'test', cfg.image_size)}

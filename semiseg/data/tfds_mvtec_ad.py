@@ -20,7 +20,7 @@ import tempfile
 
 import tensorflow_datasets as tfds
 
-from semiseg.data import layout, tfds_common
+from semiseg.data import mvtec_tree, tfds_common
 from semiseg.data.categories import MVTEC_CATEGORIES, MVTEC_TEXTURES
 
 ARCHIVE = 'mvtec_anomaly_detection.tar.xz'
@@ -68,7 +68,7 @@ def _extract(archive: str, cache: str) -> str:
       tar.extractall(tmp, filter='data')  # 'data': no absolute paths, links out, or devices
     os.replace(tmp, target)
   except (tarfile.TarError, OSError, EOFError) as e:
-    raise layout.LayoutError(f'Cannot extract {archive!r} ({e}); the download is incomplete or '
+    raise mvtec_tree.LayoutError(f'Cannot extract {archive!r} ({e}); the download is incomplete or '
                              f'corrupt: download {ARCHIVE} again.') from e
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -108,19 +108,19 @@ class MvtecAd(tfds_common.NoTfBuilder):
         return root
     archives = sorted(glob.glob(os.path.join(manual, '*.tar.xz')))
     if not archives:
-      raise layout.LayoutError(
+      raise mvtec_tree.LayoutError(
           f'MVTec AD: neither {os.path.join(manual, category)!r} nor a *.tar.xz archive is in the '
           f'manual dir {manual!r}. Put {ARCHIVE} or its extracted tree there.')
     extracted = _extract(archives[0], os.path.join(os.fspath(dl_manager.download_dir), 'extracted'))
     for root in (extracted, os.path.join(extracted, 'mvtec_anomaly_detection')):
       if os.path.isdir(os.path.join(root, category)):
         return root
-    raise layout.LayoutError(f'MVTec AD: archive {archives[0]!r} holds no {category}/ folder; '
+    raise mvtec_tree.LayoutError(f'MVTec AD: archive {archives[0]!r} holds no {category}/ folder; '
                              f'is it {ARCHIVE}?')
 
   def _split_generators(self, dl_manager):
     root = self._find_root(dl_manager)
-    records = layout.read_tree(root, self.builder_config.category)
+    records = mvtec_tree.read_tree(root, self.builder_config.category)
     size = self.builder_config.image_size
     return {'train': tfds_common.examples(records, 'train', size),
             'test': tfds_common.examples(records, 'test', size)}

@@ -1,4 +1,5 @@
-"""Atomic file writes (temporary file in the same folder + rename) and run records."""
+"""Files a run writes: atomic writes (temporary file in the same folder + rename), JSON, the workdir lock,
+the run record (run_info.json). Named so that it does not shadow the standard library's ``io``."""
 
 from __future__ import annotations
 
