@@ -7,6 +7,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import platform
 import subprocess
@@ -37,15 +38,30 @@ def write_text_atomic(path: str, text: str) -> None:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + '\n')
+  write_text_atomic(path, to_json(obj, indent=2) + '\n')
 
 
-def _json_default(x):
-  if hasattr(x, 'tolist'):
-    return x.tolist()
-  if isinstance(x, (set, tuple)):
-    return list(x)
-  return str(x)
+def to_json(obj: Any, indent: int | None = None) -> str:
+  """Strict JSON (RFC 8259) of ``obj``: a float that is not finite (an undefined metric such as the
+  image AUROC of one defect type, NaN; a threshold no score reaches, inf) is written as ``null``, never
+  as the bare ``NaN`` / ``Infinity`` that ``jq``, browsers and most JSON readers reject. Numpy arrays and
+  scalars become lists and numbers; other unknown objects their ``str``. Readers take null as NaN
+  where a number is expected (semiseg/report.py)."""
+  return json.dumps(finite_or_null(obj), indent=indent, sort_keys=True, allow_nan=False, default=str)
+
+
+def finite_or_null(x: Any) -> Any:
+  """``x`` with every non-finite float replaced by None, recursively through dicts, lists, tuples,
+  sets and numpy values (``tolist``)."""
+  if isinstance(x, float):
+    return x if math.isfinite(x) else None
+  if isinstance(x, dict):
+    return {k: finite_or_null(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple, set)):
+    return [finite_or_null(v) for v in x]
+  if hasattr(x, 'tolist') and not isinstance(x, (str, bytes)):
+    return finite_or_null(x.tolist())
+  return x
 
 
 def read_json(path: str) -> Any:

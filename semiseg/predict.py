@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from typing import Iterator
 
@@ -54,8 +55,10 @@ def choose_threshold(method, config, workdir: str, data, scorer) -> tuple[float,
   path = os.path.join(workdir, 'eval.json')
   if os.path.exists(path):
     ev = fileio.read_json(path)
-    if ev.get('method') == method.name and ev.get('threshold') is not None:
-      return float(ev['threshold']), f'{path} ({ev.get("threshold_rule", "?")} rule)'
+    if ev.get('method') == method.name and 'threshold' in ev:
+      # null: no score reached a threshold better than predicting nothing (inf; strict JSON has no inf)
+      t = math.inf if ev['threshold'] is None else float(ev['threshold'])
+      return t, f'{path} ({ev.get("threshold_rule", "?")} rule)'
   t = curves.fit_threshold(scorer(data.labeled.images), evaluate.masks_2d(data.labeled))
   return t, f'fitted on the {len(data.labeled)} labeled images (max TPR - FPR): no eval.json in {workdir}'
 

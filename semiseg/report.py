@@ -37,8 +37,8 @@ def _ms_batch(ms: dict | None) -> tuple[float, int, float]:
   if not ms:
     return math.nan, 0, math.nan
   n_key = next((k for k in ms if k.startswith('batch_') and k != 'batch_1'), None)
-  b1 = math.nan if ms.get('batch_1') is None else float(ms['batch_1'])
-  bn = float(ms[n_key]) if n_key and ms[n_key] is not None else b1
+  b1 = number(ms.get('batch_1'))
+  bn = number(ms[n_key]) if n_key and ms[n_key] is not None else b1
   return b1, int(n_key[len('batch_'):]) if n_key else 1, bn
 
 
@@ -54,9 +54,14 @@ def rows_from_eval(ev: dict, dataset: str, category: str, method: str, variant: 
                            'oracle' if variant == MAIN else f'{variant}_oracle')):
     if res is None:
       continue
-    out.append({**key, 'variant': var, 'split': split, **{m: float(res.get(m, math.nan)) for m in METRIC_NAMES},
+    out.append({**key, 'variant': var, 'split': split, **{m: number(res.get(m)) for m in METRIC_NAMES},
                 'ms_per_image': ms})
   return out
+
+
+def number(value) -> float:
+  """A metric read from JSON: null (undefined, written so by semiseg.fileio.to_json) or absent is NaN."""
+  return math.nan if value is None else float(value)
 
 
 def timing_from_eval(ev: dict, dataset: str, category: str, method: str, variant: str, seed: int) -> dict:

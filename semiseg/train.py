@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -178,4 +177,4 @@ def _flush(pending, config, metrics_path, is_main, bar, t_last, n_last, images_p
     if is_main:
       record = {'step': step, **values, 'images_per_s': rate, 'time': time.time()}
       with open(metrics_path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+        f.write(fileio.to_json(record) + '\n')  # strict JSON: NaN (e.g. no rate yet) as null

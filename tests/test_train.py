@@ -9,6 +9,7 @@ import pytest
 
 from configs import synthetic
 from semiseg import evaluate, restore, train
+from tests import test_fileio
 
 
 def unet_config(steps):
@@ -50,6 +51,10 @@ def test_smoke_twice_in_one_workdir_resumes_and_evaluates(tmp_path):
   _, state, *_ = restore.restore_trained(config, wd)  # the AE restored from <workdir>/ae
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(r2.state)):
     np.testing.assert_array_equal(a, b)
+  # Every file the run wrote is strict JSON: eval.json's undefined metrics (the image AUROC of a defect
+  # type with one class of image) are null, as is anything undefined in metrics.jsonl.
+  assert any(r is None for t in saved['per_defect_type'].values() for r in t.values())
+  assert test_fileio.assert_strict_json_files(wd) >= 6  # eval, split, run_info, metrics (run and AE)
 
 
 def test_restoring_never_trains_a_missing_prerequisite(tmp_path):
