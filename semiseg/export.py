@@ -1,0 +1,225 @@
+"""A trained workdir as inference artifacts that run without this package: StableHLO (``jax.export``),
+ONNX (jax2onnx, optional) and the meta.json that says how to feed them and read their output.
+
+The exported function is what ``semiseg.predict`` scores with (``evaluate.Scorer``), with the trained
+parameters baked in as constants: float32 images ``[B, S, S, 3]`` in [0, 1] at the stored size S
+(textures: 2x the network input, tiled and stitched inside) -> float32 ``[B, S, S, 1]``, the defect
+probability or the anomaly score. AE + U-Net carries its AE and the difference image. Nothing here
+trains.
+
+ONNX needs ``jax2onnx>=0.17.1``, installed with ``--no-deps`` (README, Deploy: every release after 0.13.0
+declares ``orbax-checkpoint<0.11.37``, which pip cannot combine with this package's
+``orbax-checkpoint>=0.12.8``, and 0.13.0 has no rule for jax 0.10's ``stack`` primitive). A function that does not convert (a primitive without an ONNX
+rule) raises ``OnnxExportError`` naming the primitive, after ``model.jaxexport`` and ``meta.json`` are
+written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import os
+import sys
+import tempfile
+from typing import Callable
+
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+import numpy as np
+
+from semiseg import augment, evaluate, fileio, predict, restore
+
+log = logging.getLogger(__name__)
+
+JAXEXPORT, ONNX, META = 'model.jaxexport', 'model.onnx', 'meta.json'
+PLATFORMS = ('cpu', 'cuda')
+INPUT = 'float32 RGB in [0, 1], resized to stored_size'
+INPUT_NAME, OUTPUT_NAME = 'images', 'scores'  # the ONNX graph's input and output
+MIN_JAX2ONNX = (0, 17, 1)  # the release tested; 0.13.0 lacks rules for jax 0.10's primitives ('stack')
+ONNX_OPSET = 18  # ONNX Runtime >= 1.14 runs it
+VERSIONED = ('semiseg', 'jax', 'jaxlib', 'flax', 'numpy', 'jax2onnx', 'onnx', 'onnxruntime')
+
+
+class OnnxExportError(RuntimeError):
+  """model.onnx was not written (the message says why); from ``export``, model.jaxexport and meta.json
+  were, and ``result`` says so."""
+
+  def __init__(self, message: str, result: 'ExportResult | None' = None):
+    super().__init__(message)
+    self.result = result
+
+
+@dataclasses.dataclass
+class ExportResult:
+  files: dict[str, str]  # artifact name -> path, for what was written
+  meta: dict
+  onnx_error: str | None  # why model.onnx is missing, None when it was written or not asked for
+
+
+def inference_fn(method, state, ctx) -> Callable[[jax.Array], jax.Array]:
+  """images_BxSxSx3 float32 in [0, 1] -> scores_BxSxSx1 float32, the state closed over (host copies,
+  so the trained parameters become constants of the exported program)."""
+  state = jax.device_get(state)
+
+  def scores_BxSxSx1(images_BxSxSx3):
+    if not ctx.texture:
+      scores = method.score_map(state, images_BxSxSx3)[..., None]
+    else:  # as evaluate.Scorer: network-size tiles, row-major, stitched back (paper 3.3)
+      tiles = method.score_map(state, augment.to_tiles(images_BxSxSx3, ctx.image_size))[..., None]
+      scores = augment.from_tiles(tiles, *images_BxSxSx3.shape[:3])
+    return scores.astype(jnp.float32)  # also from a bfloat16 model (config.model.dtype)
+  return scores_BxSxSx1
+
+
+def input_spec(stored_size: int) -> jax.ShapeDtypeStruct:
+  """float32 [B, S, S, 3] with a symbolic batch B."""
+  batch, = jax.export.symbolic_shape('B')
+  return jax.ShapeDtypeStruct((batch, stored_size, stored_size, 3), jnp.float32)
+
+
+def export_stablehlo(fn, stored_size: int, platforms=PLATFORMS) -> bytes:
+  """``fn`` lowered for ``platforms`` with a symbolic batch, serialized (``jax.export.deserialize``)."""
+  return jax.export.export(jax.jit(fn), platforms=platforms)(input_spec(stored_size)).serialize()
+
+
+def _version(dist: str) -> str | None:
+  try:
+    return importlib.metadata.version(dist)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def _check_jax2onnx() -> None:
+  version = _version('jax2onnx')
+  hint = (f"pip install -e '.[export]' && pip install --no-deps 'jax2onnx>="
+          f"{'.'.join(map(str, MIN_JAX2ONNX))}' (see the README's Deploy section)")
+  if version is None:
+    raise OnnxExportError(f'model.onnx needs jax2onnx, which is not installed: {hint}.')
+  parts = tuple(int(p) if p.isdigit() else 0 for p in version.split('.')[:3])
+  if parts < MIN_JAX2ONNX:
+    raise OnnxExportError(f'jax2onnx {version} is too old for jax {jax.__version__} (it has no rules for '
+                          f'some of its primitives): {hint}.')
+
+
+def _failed_primitive(error: BaseException) -> str | None:
+  """The primitive whose ONNX rule failed: the equation the innermost converter frame was lowering, or
+  the one named by "No plugins registered for primitive 'x'"."""
+  name, tb = None, error.__traceback__
+  while tb is not None:
+    eqn = tb.tb_frame.f_locals.get('eqn')
+    if getattr(eqn, 'primitive', None) is not None:
+      name = str(eqn.primitive)
+    tb = tb.tb_next
+  if name is None and "primitive '" in str(error):
+    name = str(error).split("primitive '", 1)[1].split("'", 1)[0]
+  return name
+
+
+@contextlib.contextmanager
+def _quiet_converter():
+  """jax2onnx and onnx_ir log every plugin import and untyped constant: keep their warnings out."""
+  loggers = [logging.getLogger(n) for n in ('jax2onnx', 'onnx_ir')]
+  levels = [lg.level for lg in loggers]
+  for lg in loggers:
+    lg.setLevel(logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(sys.stderr):  # its plugins print debug lines
+      yield
+  finally:
+    for lg, level in zip(loggers, levels):
+      lg.setLevel(level)
+
+
+def export_onnx(fn, stored_size: int, path: str, model_name: str) -> None:
+  """``fn`` as an ONNX graph with a symbolic batch at ``path`` (atomic); ``OnnxExportError`` naming the
+  primitive when a part does not convert."""
+  _check_jax2onnx()
+  import jax2onnx
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+  os.close(fd)
+  spec = input_spec(stored_size)
+  # The converter gets the traced program (lax primitives, as jax.export serializes it), not the Python
+  # function: traced by jax2onnx, Flax layers and jax.nn calls would go through its own re-implementations.
+  program = jax.extend.core.jaxpr_as_fun(jax.make_jaxpr(fn)(spec))
+  try:
+    with _quiet_converter():
+      jax2onnx.to_onnx(lambda images: program(images)[0], inputs=[spec], model_name=model_name,
+                       opset=ONNX_OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                       return_mode='file', output_path=tmp)
+    os.replace(tmp, path)
+  except Exception as e:  # pylint: disable=broad-except
+    primitive = _failed_primitive(e)
+    where = f'primitive {primitive!r}' if primitive else 'an unnamed step'
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    raise OnnxExportError(f'ONNX conversion of {model_name} failed at {where}: {type(e).__name__}: {first}'
+                          ) from e
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+
+
+def versions() -> dict[str, str | None]:
+  return {dist: _version(dist) for dist in VERSIONED}
+
+
+def build_meta(method, config, ctx, stored_size: int, threshold: float, threshold_source: str, step: int,
+               platforms) -> dict:
+  """What a deployment needs besides the artifacts; strict JSON (an infinite threshold is null)."""
+  finite = bool(np.isfinite(threshold))
+  score = ('defect probability' if method.score_kind == 'probability'
+           else 'anomaly score (larger: more likely a defect)')
+  return {
+      'method': method.name, 'dataset': config.data.name, 'category': config.data.category,
+      'image_size': int(config.data.image_size), 'stored_size': int(stored_size), 'texture': bool(ctx.texture),
+      'score': method.score_kind, 'threshold': float(threshold) if finite else None,
+      'threshold_source': threshold_source + ('' if finite else ' (no score is a defect: null = infinity)'),
+      'input': INPUT, 'input_shape': ['B', stored_size, stored_size, 3],
+      'output': f'float32 [B, {stored_size}, {stored_size}, 1]: {score}; a pixel is a defect where output >= '
+                'threshold',
+      'platforms': list(platforms), 'onnx_input': INPUT_NAME, 'onnx_output': OUTPUT_NAME,
+      'onnx_opset': ONNX_OPSET, 'step': int(step), 'versions': versions()}
+
+
+def write_meta(path: str, meta: dict) -> None:
+  fileio.write_text_atomic(path, json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + '\n')
+
+
+def export(config, workdir: str, out_dir: str, onnx: bool = True, platforms=PLATFORMS) -> ExportResult:
+  """Writes ``model.jaxexport``, ``meta.json`` and (``onnx``) ``model.onnx`` into ``out_dir``.
+
+  Raises ``OnnxExportError`` (with the ``ExportResult`` of what was written) when model.onnx cannot be;
+  the other two are written all the same.
+  """
+  method, state, data, ctx, mesh = restore.restore_trained(config, workdir)  # never trains
+  scorer = evaluate.Scorer(method, state, ctx, mesh, config.eval_batch_size)
+  threshold, source = predict.choose_threshold(method, config, workdir, data, scorer)
+  stored_size = 2 * ctx.image_size if ctx.texture else ctx.image_size  # as predict resizes (paper 3.3)
+  fn = inference_fn(method, state, ctx)
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {name: os.path.join(out_dir, name) for name in (JAXEXPORT, ONNX, META)}
+  fileio.write_bytes_atomic(paths[JAXEXPORT], export_stablehlo(fn, stored_size, platforms))
+  meta = build_meta(method, config, ctx, stored_size, threshold, source, int(jax.device_get(state.step)),
+                    platforms)
+  files = {JAXEXPORT: paths[JAXEXPORT], META: paths[META]}
+  error = None
+  if onnx:
+    try:
+      export_onnx(fn, stored_size, paths[ONNX], method.name)
+      files[ONNX] = paths[ONNX]
+    except OnnxExportError as e:
+      error = str(e)
+  if not onnx or error:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(paths[ONNX])  # never leave an older model.onnx beside a newer model.jaxexport
+  meta['files'] = sorted(files)
+  meta['onnx_error'] = error
+  write_meta(paths[META], meta)
+  result = ExportResult(files, meta, error)
+  if error:
+    raise OnnxExportError(f'{error}. Written: {", ".join(sorted(files.values()))}.', result)
+  return result
