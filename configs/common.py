@@ -112,6 +112,11 @@ def get_base_config() -> config_dict.ConfigDict:
   c.model.ae_features = (32, 64, 128, 256, 256)  # encoder widths; each level halves H and W
   c.model.latent_dim = 500
   c.model.ae_loss = 'mse'  # 'mse' | 'ssim'
+  # 'dense': the paper's latent vector of latent_dim (Figure 3); 'conv': latent_dim channels at the
+  # bottom resolution (a spatial code, which can learn textures).
+  c.model.ae_bottleneck = 'dense'
+  c.model.ae_activation = 'leaky_relu'  # 'leaky_relu' (slope 0.2) | 'relu' | 'elu'
+  c.model.diff_blur = 0.0  # sigma (px) of a Gaussian blur of D = |I - AE(I)|, as score and U-Net input
   c.model.unet_features = 64
   c.model.unet_depth = 4
   # Defect-pixel prior for the U-Net head's initial bias (0.5 = zero bias). Defects are ~1 % of the
@@ -126,6 +131,13 @@ def get_base_config() -> config_dict.ConfigDict:
   c.optim.decay_every_epochs = 30
 
   c.ae_num_train_steps = config_dict.placeholder(int)  # AE of ae_unet; unset: the AE's own epochs
+  # The AE's own augmentation: 'same' (config.augment), 'flips' (no rotation/translation), 'none'.
+  c.ae_augment = 'same'
+  c.ae_learning_rate = config_dict.placeholder(float)  # unset: config.optim.learning_rate
+  # Which AE checkpoint ae_unet (and the ae cell) use: 'last', or 'labeled_auroc' = the one whose D
+  # ranks the labeled images' defect pixels best (pixel AUROC, measured at every log step).
+  c.ae_select = 'last'
+  c.ae_allow_collapsed = False  # ae_unet on an AE whose training collapsed: refused unless True
   c.ae_workdir = config_dict.placeholder(str)  # ae_unet: trained AE; unset: <workdir>/ae, trained first
   c.threshold = 0.5  # score maps of probability methods; fitted rule for anomaly methods
   c.num_bins = 1000  # score histogram bins of the streaming threshold-free metrics
@@ -177,6 +189,7 @@ def smoke(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
   c.anogan.features = (8, 16)
   c.anogan.search_steps = 3
   c.consistency.rampup_steps = 2
+  c.ae_allow_collapsed = True  # a 4-step AE has not learned anything yet: smoke runs go on regardless
   return c
 
 

@@ -17,7 +17,8 @@ def main(argv):
   _main.start()
   config = _main.FLAGS.config
   method, state, data, ctx, mesh = restore.restore_trained(config, _main.FLAGS.workdir)
-  out = evaluate.evaluate(method, state, data, ctx, mesh, config, _main.FLAGS.workdir)
+  out = evaluate.evaluate(method, state, data, ctx, mesh, config, _main.FLAGS.workdir,
+                          extra=restore.training_health(config, _main.FLAGS.workdir))
   print(evaluate.format_table([out]))
 
 

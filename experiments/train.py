@@ -7,9 +7,11 @@ Usage:
 """
 
 from absl import app
+import jax
+from absl import logging
 
 from experiments import _main
-from semiseg import evaluate, train
+from semiseg import evaluate, restore, train
 
 _main.define_flags()
 
@@ -17,10 +19,14 @@ _main.define_flags()
 def main(argv):
   del argv
   _main.start()
-  config = _main.FLAGS.config
-  result = train.train(config, _main.FLAGS.workdir)
-  out = evaluate.evaluate(result.method, result.state, result.data, result.ctx, result.mesh, config,
-                          _main.FLAGS.workdir)
+  config, workdir = _main.FLAGS.config, _main.FLAGS.workdir
+  result = train.train(config, workdir)
+  out = evaluate.evaluate(result.method, result.state, result.data, result.ctx, result.mesh, config, workdir,
+                          extra=restore.training_health(config, workdir))
+  if jax.process_index() == 0:
+    path = restore.write_training_curves(config, workdir)
+    if path:
+      logging.info('Training curves: %s', path)
   print(evaluate.format_table([out]))
 
 

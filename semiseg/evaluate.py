@@ -98,16 +98,42 @@ def metrics_at(scores: np.ndarray, split, threshold: float, num_bins: int) -> tu
   return acc.result(), acc.result_per_defect_type()
 
 
+def mean_image(split) -> np.ndarray:
+  """Per-pixel mean of a split's images as floats in [0, 1] ([S, S, 3])."""
+  return split.images.astype(np.float64).mean(axis=0).astype(np.float32) / 255.0
+
+
+def trivial_difference(images_uint8: np.ndarray, mean_HxWx3: np.ndarray) -> np.ndarray:
+  """|I - M| averaged over channels: the difference image of a 'model' that always answers M."""
+  return np.abs(images_uint8.astype(np.float32) / 255.0 - mean_HxWx3).mean(axis=-1)
+
+
+THRESHOLD_FREE_D = ('pixel_auroc', 'pixel_ap', 'aupro')
+
+
+def trivial_quality(data, num_bins: int) -> dict:
+  """Threshold-free metrics of |I - M|, M the mean of the unlabeled images, on the test split and the
+  labeled images ('train'): the yardstick an AE's difference image must beat."""
+  mean = mean_image(data.unlabeled)
+  out = {}
+  for name, split in (('test', data.test), ('train', data.labeled)):
+    res, _ = metrics_at(trivial_difference(split.images, mean), split, 0.5, num_bins)
+    out[name] = {k: res[k] for k in THRESHOLD_FREE_D}
+  return out
+
+
 def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.MethodContext, mesh, config,
              workdir: str | None = None, time_it: bool = True,
-             score_sink: Callable[[str, np.ndarray], None] | None = None) -> dict:
+             score_sink: Callable[[str, np.ndarray], None] | None = None, extra: dict | None = None) -> dict:
   """Metrics of a trained method on the test split (and on its labeled training images).
 
   Probability methods use ``config.threshold``. Anomaly-score methods (AE, PCA, AnoGAN) fit the
   threshold on the labeled images by the paper's rule (``threshold_rule='labeled'``); the test-fitted
   ``oracle`` threshold is reported alongside, under that name, never as the main number.
   ``score_sink(split_name, scores_NxHxW)``, when given, sees the 'test' and 'train' score maps
-  (figures and overlays without scoring a second time).
+  (figures and overlays without scoring a second time). A method with a difference image to watch
+  (``method.monitor``: the AE) also gets ``trivial``, the same metrics of |I - M|. ``extra`` is merged
+  into the result (e.g. the training health).
   """
   num_bins = int(config.get('num_bins', 1000))
   scorer = Scorer(method, state, ctx, mesh, config.eval_batch_size)
@@ -136,6 +162,9 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
   if method.score_kind == 'anomaly' and rule != 'oracle':
     oracle_t = curves.fit_threshold(test_scores, masks_2d(data.test))
     out['oracle'] = {'threshold': oracle_t, 'test': metrics_at(test_scores, data.test, oracle_t, num_bins)[0]}
+  if method.monitor is not None:
+    out['trivial'] = trivial_quality(data, num_bins)
+  out.update(extra or {})
   if time_it and len(data.test):
     out['ms_per_image'] = {
         'batch_1': scorer.time_per_image(data.test.images, 1) if mesh.devices.size == 1 else None,

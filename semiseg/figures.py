@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 from collections import defaultdict
@@ -77,10 +78,59 @@ def figure6(path: str, images: np.ndarray, masks: np.ndarray, reconstruction: np
       if j == 0:
         ax.set_ylabel(titles[i], fontsize=6)
   fig.tight_layout(pad=0.3)
+  _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+  from matplotlib import pyplot as plt
   buf = io.BytesIO()
   fig.savefig(buf, format='png', dpi=110)
   plt.close(fig)
   fileio.write_bytes_atomic(path, buf.getvalue())
+
+
+def read_metrics(path: str) -> list[dict]:
+  """The records of a metrics.jsonl (one JSON object per logged step)."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def training_curves(path: str, runs: dict[str, str], title: str = '') -> None:
+  """One panel per run: its logged loss against step (log scale), the span after 80 % of the steps
+  shaded (where a converged run is flat), and a monitored AUROC (``diff_auroc_labeled``) on a right axis."""
+  import matplotlib
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+  n = len(runs)
+  cols = min(n, 4)
+  rows = math.ceil(n / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows + 0.4), squeeze=False)
+  for ax in axes.ravel()[n:]:
+    ax.axis('off')
+  for ax, (name, metrics_path) in zip(axes.ravel(), runs.items()):
+    records = read_metrics(metrics_path)
+    steps = np.array([r['step'] for r in records if r.get('loss') is not None])
+    loss = np.array([r['loss'] for r in records if r.get('loss') is not None])
+    ax.set_title(COLUMN_NAMES.get(name, name).replace('^', ''), fontsize=9)
+    if not len(steps):
+      continue
+    ax.plot(steps, loss, lw=1.0, color='tab:blue')
+    if (loss > 0).all():
+      ax.set_yscale('log')
+    ax.axvspan(0.8 * steps[-1], steps[-1], color='0.9', zorder=0)
+    ax.set_xlabel('step', fontsize=7)
+    ax.set_ylabel('loss', fontsize=7, color='tab:blue')
+    ax.tick_params(which='both', labelsize=6)
+    auroc = [(r['step'], r['diff_auroc_labeled']) for r in records if r.get('diff_auroc_labeled') is not None]
+    if auroc:
+      right = ax.twinx()
+      right.plot(*zip(*auroc), lw=1.0, color='tab:orange')
+      right.set_ylabel('D AUROC (labeled)', fontsize=7, color='tab:orange')
+      right.tick_params(which='both', labelsize=6)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout(pad=0.4)
+  _save(fig, path)
 
 
 def figure_indices(defect_types: list[str], masks: np.ndarray, n: int) -> list[int]:

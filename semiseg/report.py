@@ -59,6 +59,44 @@ def rows_from_eval(ev: dict, dataset: str, category: str, method: str, variant: 
   return out
 
 
+# diff_quality.csv: the AE's difference image D against the trivial |I - M| (M: mean unlabeled image).
+DIFF_QUALITY_COLUMNS = ('dataset', 'category', 'seed', 'split', 'pixel_auroc', 'pixel_ap', 'aupro',
+                        'trivial_auroc', 'trivial_ap')
+
+
+def diff_quality_rows(ev: dict, dataset: str, category: str, seed: int) -> list[dict]:
+  """diff_quality.csv rows of an AE cell's eval.json: its test split and its labeled images."""
+  out = []
+  for split, key in (('test', 'test'), ('labeled', 'train')):
+    d, t = ev[key], (ev.get('trivial') or {}).get(key) or {}
+    out.append(dict(dataset=dataset, category=category, seed=int(seed), split=split,
+                    pixel_auroc=number(d.get('pixel_auroc')), pixel_ap=number(d.get('pixel_ap')),
+                    aupro=number(d.get('aupro')), trivial_auroc=number(t.get('pixel_auroc')),
+                    trivial_ap=number(t.get('pixel_ap'))))
+  return out
+
+
+def diff_quality_table(rows: list[dict]) -> str:
+  """Category x (D and |I - M| pixel AUROC and AP on test, D's AUROC on the labeled images), mean ± std."""
+  categories = ordered_categories(rows)
+  cols = (('test', 'pixel_auroc'), ('test', 'trivial_auroc'), ('test', 'pixel_ap'), ('test', 'trivial_ap'),
+          ('test', 'aupro'), ('labeled', 'pixel_auroc'), ('labeled', 'trivial_auroc'))
+
+  def cell(category, split, metric):
+    vals = [r[metric] for r in rows if r['split'] == split and (category is None or r['category'] == category)]
+    if category is None:  # the mean over categories, per seed
+      per_seed = defaultdict(list)
+      for r in rows:
+        if r['split'] == split:
+          per_seed[r['seed']].append(r[metric])
+      vals = [float(np.mean(v)) for v in per_seed.values() if len(v) == len(categories)]
+    return fmt(stat(vals))
+  body = [[c] + [cell(c, s, m) for s, m in cols] for c in categories]
+  body.append(['**mean**'] + [cell(None, s, m) for s, m in cols])
+  return markdown_table(['category', 'D AUROC', '|I − M| AUROC', 'D AP', '|I − M| AP', 'D AUPRO',
+                         'D AUROC (labeled)', '|I − M| AUROC (labeled)'], body)
+
+
 def number(value) -> float:
   """A metric read from JSON: null (undefined, written so by semiseg.fileio.to_json) or absent is NaN."""
   return math.nan if value is None else float(value)
@@ -272,7 +310,8 @@ def threshold_free_table(rows: list[dict]) -> str:
 
 
 def build_markdown(*, dataset: str, rows: list[dict], timing: list[dict], counts: dict[str, dict],
-                   figures: dict[str, str], overlay_dir: str | None, notes: list[str]) -> str:
+                   figures: dict[str, str], overlay_dir: str | None, notes: list[str],
+                   diff_rows: list[dict] | None = None, curves: dict[str, str] | None = None) -> str:
   """report.md: every table of the paper, our numbers as mean ± sample std (ddof=1) over seeds."""
   mvtec = dataset == 'mvtec_ad'
   seeds = sorted({r['seed'] for r in rows})
@@ -319,6 +358,18 @@ def build_markdown(*, dataset: str, rows: list[dict], timing: list[dict], counts
   out += ['## Table A2: MAE (misclassified pixels per test image)', '',
           metric_table(rows, 'mae_pixels', digits=0), '']
   out += ['## Threshold-free metrics (test split)', '', threshold_free_table(rows), '']
+  if diff_rows:
+    out += ['## Difference image', '',
+            'How well the AE\'s difference image D = |I − AE(I)| (channel mean) ranks defect pixels, against '
+            'the trivial |I − M|, M the per-pixel mean of the unlabeled images: a D that does not beat it adds '
+            'nothing a mean image would not. Pixel AUROC and AP on the test split, AUPRO (FPR ≤ 0.3), and '
+            'AUROC on the labeled images (what `config.ae_select=labeled_auroc` selects by). Raw numbers: '
+            '`diff_quality.csv`.', '', diff_quality_table(diff_rows), '']
+  if curves:
+    out += ['## Training curves', '',
+            'Every method\'s logged training loss against step (each cell\'s `metrics.jsonl`; the AE\'s '
+            'labeled-image D AUROC beside it).', '']
+    out += [f'- {c}: [{path}]({path})' for c, path in curves.items()] + ['']
   out += ['## Figure 6', '',
           'Columns: original, AE reconstruction, difference |I − AE(I)| (channel mean, scaled per image), '
           'ground truth, then each method\'s binary prediction at its threshold (first seed).', '']

@@ -22,7 +22,7 @@ import numpy as np
 from ml_collections import config_dict
 from tqdm.auto import tqdm
 
-from semiseg import evaluate, figures, fileio, report, sharding, train
+from semiseg import evaluate, figures, fileio, report, restore, sharding, train
 from semiseg.data import categories, mvtec_tree, pipeline
 from semiseg import methods
 from semiseg.report import MAIN
@@ -224,7 +224,8 @@ def run_cell(cell: Cell, config, root: str, data, mesh, overlay_dir: str | None,
     fileio.write_json_atomic(os.path.join(wd, 'split.json'), data.manifest)
   held: dict[str, np.ndarray] = {}
   ev = evaluate.evaluate(result.method, result.state, result.data, result.ctx, result.mesh, config,
-                         workdir=None, score_sink=lambda k, s: held.__setitem__(k, s) if k == 'test' else None)
+                         workdir=None, score_sink=lambda k, s: held.__setitem__(k, s) if k == 'test' else None,
+                         extra=restore.training_health(config, wd))
   scores = held.pop('test')
   inputs = np.load(os.path.join(root, cell.category, 'figure_inputs.npz'))
   idx = inputs['indices']
@@ -294,19 +295,34 @@ def _reproduce_locked(config, root: str, progress: bool) -> ReproduceResult:
   return write_report(config, root, cells, run, done, failed, skipped_methods, overlay_category)
 
 
-def collect(config, root: str, cells: list[Cell]) -> tuple[list[dict], list[dict], dict[str, dict]]:
-  """(results rows, timing rows, counts per category) from the eval.json files of the cells finished
+@dataclasses.dataclass
+class Collected:
+  """What the report is made of, read back from the finished cells' eval.json files."""
+  rows: list[dict]
+  timing: list[dict]
+  counts: dict[str, dict]
+  diff_rows: list[dict]  # diff_quality.csv: cells whose eval has the trivial yardstick (the AE)
+  notes: list[str]  # collapsed trainings
+
+
+def collect(config, root: str, cells: list[Cell]) -> Collected:
+  """Rows, timing, counts per category and D's quality from the eval.json files of the cells finished
   with this config (a stale eval.json of another config is left out)."""
-  rows, timing, counts = [], [], {}
+  rows, timing, counts, diff_rows, notes = [], [], {}, [], []
   for c in cells:
     ev = finished_eval(c.workdir(root), fingerprint(cell_config(config, c, root)))
     if ev is None:
       continue
+    if 'trivial' in ev and c.variant == MAIN:
+      diff_rows += report.diff_quality_rows(ev, c.dataset, c.category, c.seed)
+    if (ev.get('health') or {}).get('collapsed'):
+      notes.append(f'{c.category}/seed{c.seed}/{c.name}: training collapsed ('
+                   + '; '.join(ev['health']['warnings']) + ').')
     rows += report.rows_from_eval(ev, c.dataset, c.category, c.method, c.variant, c.seed)
     timing.append(report.timing_from_eval(ev, c.dataset, c.category, c.method, c.variant, c.seed))
     counts.setdefault(c.category, {'unlabeled': ev['num_unlabeled_images'], 'labeled': ev['num_labeled_images'],
                                    'test': ev['num_test_images'] * ev.get('test_tiles_per_image', 1)})
-  return rows, timing, counts
+  return Collected(rows, timing, counts, diff_rows, notes)
 
 
 def write_figures(root: str, cells: list[Cell]) -> dict[str, str]:
@@ -339,21 +355,42 @@ def write_figures(root: str, cells: list[Cell]) -> dict[str, str]:
   return out
 
 
+def write_curves(root: str, cells: list[Cell]) -> dict[str, str]:
+  """figures/curves_<category>.png: every main cell's loss against step (first seed); {category: path}."""
+  out = {}
+  for category in dict.fromkeys(c.category for c in cells):
+    seed = min(c.seed for c in cells if c.category == category)
+    runs = {c.method: os.path.join(c.workdir(root), 'metrics.jsonl') for c in cells
+            if c.category == category and c.seed == seed and c.variant == MAIN}
+    runs = {m: p for m, p in runs.items() if os.path.exists(p)}
+    if runs:
+      rel = os.path.join('figures', f'curves_{category}.png')
+      figures.training_curves(os.path.join(root, rel), {m: runs[m] for m in methods.paper_order(runs)},
+                              title=f'{category}, seed {seed}')
+      out[category] = rel
+  return out
+
+
 def write_report(config, root: str, cells: list[Cell], run: list[str], done: list[str],
                  failed: list[tuple[str, str]], skipped_methods: list[str],
                  overlay_category: str) -> ReproduceResult:
-  rows, timing, counts = collect(config, root, cells)
+  got = collect(config, root, cells)
+  rows, timing = got.rows, got.timing
   path = os.path.join(root, 'report.md')
   if not _is_main():
     return ReproduceResult(rows, timing, path, run, done, failed, skipped_methods)
   report.write_csv(os.path.join(root, 'results.csv'), rows, report.RESULT_COLUMNS)
   report.write_csv(os.path.join(root, 'timing.csv'), timing, report.TIMING_COLUMNS)
+  if got.diff_rows:
+    report.write_csv(os.path.join(root, 'diff_quality.csv'), got.diff_rows, report.DIFF_QUALITY_COLUMNS)
   figure_paths = write_figures(root, cells)
+  curve_paths = write_curves(root, cells)
   notes = [f'{m}: not in the method registry yet, skipped.' for m in skipped_methods]
   notes += [f'cell {where} failed ({why}); rerun to retry it.' for where, why in failed]
+  notes += got.notes
   overlay_rel = os.path.join('figures', 'overlays', overlay_category)
-  text = report.build_markdown(dataset=config.data.name, rows=rows, timing=timing, counts=counts,
-                               figures=figure_paths, notes=notes,
+  text = report.build_markdown(dataset=config.data.name, rows=rows, timing=timing, counts=got.counts,
+                               figures=figure_paths, notes=notes, diff_rows=got.diff_rows, curves=curve_paths,
                                overlay_dir=overlay_rel if os.path.isdir(os.path.join(root, overlay_rel)) else None)
   fileio.write_text_atomic(path, text + '\n')
   return ReproduceResult(rows, timing, path, run, done, failed, skipped_methods)

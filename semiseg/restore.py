@@ -14,7 +14,7 @@ from typing import Callable
 
 import jax
 
-from semiseg import checkpoint, fileio, sharding
+from semiseg import checkpoint, fileio, monitor, sharding
 from semiseg.data import categories, pipeline
 from semiseg.methods import base, create_method, prerequisites, validate_method
 
@@ -157,16 +157,71 @@ def check_meta(meta: dict, config, where: str) -> None:
                        f'prerequisite\'s workdir, e.g. config.ae_workdir) or set {name}={meta[key]!r}.')
 
 
-def restore_trained(config, workdir: str, mesh=None, data=None):
-  """(method, state, data, ctx, mesh) from a finished workdir, for evaluation and prediction."""
-  config = categories.apply_category_rules(config)
-  method, data, ctx, mesh, _ = build(config, workdir, mesh, data)
-  ckpt = checkpoint.Checkpointer(workdir, config.ckpt.every_steps, config.ckpt.keep)
+def _restore_from(ckpt: checkpoint.Checkpointer, method: base.Method, config, mesh):
+  """(state, meta, step) of the newest readable checkpoint of ``ckpt``, or None; closes it."""
   try:
-    restored = ckpt.restore(sharding.abstract_state(method.init, jax.random.PRNGKey(config.seed), mesh),
-                            check_meta=lambda meta: check_meta(meta, config, ckpt.directory))
+    return ckpt.restore(sharding.abstract_state(method.init, jax.random.PRNGKey(config.seed), mesh),
+                        check_meta=lambda meta: check_meta(meta, config, ckpt.directory))
   finally:
     ckpt.close()
+
+
+def restore_selected(method: base.Method, config, workdir: str, mesh, fallback: base.TrainState) -> base.TrainState:
+  """The checkpoint a ``select_best`` method's users get (the best by its monitor), else ``fallback``."""
+  restored = _restore_from(checkpoint.Checkpointer(workdir, 1, 1, subdir=monitor.BEST_DIR), method, config, mesh)
+  if restored is None:
+    log.warning('%s: no %s/ checkpoint to select; using the last one.', workdir, monitor.BEST_DIR)
+    return fallback
+  state, meta, step = restored
+  log.info('%s: selected the checkpoint of step %d (%s = %.4f).', workdir, step, meta.get('monitor'),
+           meta.get('monitor_value', float('nan')))
+  return state
+
+
+def training_health(config, workdir: str) -> dict:
+  """What eval.json records of the training: the run's health.json and its prerequisites' (if any)."""
+  out = {}
+  own = monitor.read_health(workdir)
+  if own is not None:
+    out['health'] = own
+  theirs = {name: monitor.read_health(wd) for name, wd in _prerequisite_workdirs(config, workdir).items()}
+  theirs = {name: h for name, h in theirs.items() if h is not None}
+  if theirs:
+    out['prerequisite_health'] = theirs
+  return out
+
+
+def _prerequisite_workdirs(config, workdir: str) -> dict[str, str]:
+  """{name: workdir} of the prerequisites a finished run in ``workdir`` used (where they are known)."""
+  out = {}
+  for name, req in prerequisites(config).items():
+    try:
+      out[name] = prerequisite_workdir(config, name, req, workdir)
+    except ValueError:  # neither configured nor recorded
+      pass
+  return out
+
+
+def write_training_curves(config, workdir: str) -> str | None:
+  """``<workdir>/curves.png``: the run's loss against step, and its prerequisites' (the AE's) beside it."""
+  from semiseg import figures  # matplotlib only when a figure is drawn
+  runs = {name: os.path.join(wd, 'metrics.jsonl') for name, wd in _prerequisite_workdirs(config, workdir).items()}
+  runs[config.method] = os.path.join(workdir, 'metrics.jsonl')
+  runs = {m: p for m, p in runs.items() if os.path.exists(p)}
+  if not runs:
+    return None
+  path = os.path.join(workdir, 'curves.png')
+  figures.training_curves(path, runs, title=f'{config.data.category}, seed {config.seed}')
+  return path
+
+
+def restore_trained(config, workdir: str, mesh=None, data=None):
+  """(method, state, data, ctx, mesh) from a finished workdir, for evaluation and prediction; a
+  ``select_best`` method (the AE with config.ae_select='labeled_auroc') gives its selected checkpoint."""
+  config = categories.apply_category_rules(config)
+  method, data, ctx, mesh, _ = build(config, workdir, mesh, data)
+  restored = _restore_from(checkpoint.Checkpointer(workdir, config.ckpt.every_steps, config.ckpt.keep), method,
+                           config, mesh)
   if restored is None:
     raise FileNotFoundError(f'No checkpoint in {os.path.join(workdir, "ckpt")}: train first with '
                             f'python -m experiments.train --workdir {workdir}.')
@@ -178,4 +233,6 @@ def restore_trained(config, workdir: str, mesh=None, data=None):
   if not meta.get('done', True):
     log.warning('%s: checkpoint at step %s of %s (training not finished).', workdir, meta.get('step'),
                 meta.get('num_train_steps'))
+  if method.select_best:
+    state = restore_selected(method, config, workdir, mesh, state)
   return method, state, data, ctx, mesh

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from semiseg import checkpoint, fileio, restore, sharding
+from semiseg import checkpoint, fileio, monitor, restore, sharding
 from semiseg.data import categories, pipeline
 from semiseg.methods import base, prerequisites
 
@@ -90,7 +90,23 @@ def train_prerequisites(config, workdir: str, mesh, data) -> dict[str, base.Trai
           hint=f' or unset config.{req.workdir_key} to train one inside this run\'s workdir')
     else:
       trained[name] = train(req.config, os.path.join(workdir, name), mesh=mesh, data=data).state
+    check_health(config, name, req, given or os.path.join(workdir, name))
   return trained
+
+
+def check_health(config, name: str, req: base.Prerequisite, workdir: str) -> None:
+  """Refuses to build on a prerequisite whose training collapsed (its health.json), unless allowed."""
+  h = monitor.read_health(workdir)
+  if not h or not h.get('collapsed'):
+    return
+  why = '; '.join(h.get('warnings', []))
+  if req.allow_collapsed_key and config.get(req.allow_collapsed_key):
+    log.warning('%s builds on the collapsed %s in %s (%s), as config.%s allows.', config.method, name, workdir,
+                why, req.allow_collapsed_key)
+    return
+  raise RuntimeError(f'The {name} in {workdir} collapsed in training ({why}), so {config.method} would learn '
+                     f'from a useless input. Retrain it (e.g. lower config.ae_learning_rate or train longer) '
+                     f'or set config.{req.allow_collapsed_key}=True to use it anyway.')
 
 
 def _train_locked(config, workdir, mesh, data, progress) -> TrainResult:
@@ -118,17 +134,50 @@ def _train_locked(config, workdir, mesh, data, progress) -> TrainResult:
       raise ValueError(f'{ckpt.directory} holds a checkpoint at step {step}, past this config\'s '
                        f'{total} training steps: it was trained longer than asked. Use another --workdir '
                        f'or set config.num_train_steps={step}.')
+    best = _best_so_far(method, config, workdir)
     if step < total:
-      state = _loop(method, config, workdir, ckpt, mesh, data, state, step, total, progress)
+      state = _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, progress, best)
     elif ckpt.latest_step() is None:  # zero steps asked for: still leave a checkpoint
       ckpt.save(step, state, restore.checkpoint_meta(config, step, total, True), force=True)
     ckpt.wait()
+    if jax.process_index() == 0 and method.monitor is not None:
+      monitor.write_health(workdir, method.monitor, best)
+    if best is not None and best.step is not None:  # the method's users get the selected checkpoint
+      state = restore.restore_selected(method, config, workdir, mesh, state)
     return TrainResult(method, state, data, ctx, mesh, total, resumed)
   finally:
     ckpt.close()
 
 
-def _loop(method, config, workdir, ckpt, mesh, data, state, step, total, progress):
+def _best_so_far(method, config, workdir) -> monitor.Best | None:
+  """For a method that keeps its best checkpoint: the value and step saved so far (on resume)."""
+  if not method.select_best:
+    return None
+  best = monitor.Best()
+  meta = _best_checkpointer(config, workdir).latest_meta() if os.path.isdir(
+      os.path.join(workdir, monitor.BEST_DIR)) else None
+  if meta and meta.get('monitor_value') is not None:
+    best.value, best.step = float(meta['monitor_value']), int(meta['step'])
+  return best
+
+
+def _best_checkpointer(config, workdir) -> checkpoint.Checkpointer:
+  return checkpoint.Checkpointer(workdir, 1, 1, subdir=monitor.BEST_DIR)
+
+
+def _watch(watcher, best, best_ckpt, config, state, step, total) -> dict:
+  """The monitor's values at a log step; a new best is saved as the selected checkpoint."""
+  values = watcher(state)
+  value = values.get(watcher.name, float('nan'))
+  values = {k: (v if np.isfinite(v) else None) for k, v in values.items()}  # strict JSON: null, not NaN
+  if best is not None and best.improves(value):
+    best.value, best.step = value, step
+    best_ckpt.save(step, state, {**restore.checkpoint_meta(config, step, total, False), 'monitor': watcher.name,
+                                 'monitor_value': value}, force=True)
+  return values
+
+
+def _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, progress, best):
   state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), state)
   jit_step = jax.jit(method.train_step, out_shardings=(state_sharding, sharding.replicated(mesh)),
                      donate_argnums=0)
@@ -138,9 +187,11 @@ def _loop(method, config, workdir, ckpt, mesh, data, state, step, total, progres
   images_per_step = sum(restore.stream_batch_sizes(config, method.streams).values())
   bar = tqdm(total=total, initial=step, desc=f'{config.method}', disable=not (progress and is_main),
              dynamic_ncols=True, leave=False, mininterval=2.0)
-  pending = None  # (step, metrics): pulled one step late so dispatch stays asynchronous
+  pending = None  # (step, metrics, monitor values): pulled one step late so dispatch stays asynchronous
   t_last, n_last = time.perf_counter(), step
   compile_s = None
+  watcher = monitor.Monitor(method, ctx, mesh, data.labeled) if method.monitor is not None else None
+  best_ckpt = _best_checkpointer(config, workdir) if best is not None else None
   try:
     while step < total:
       t0 = time.perf_counter()
@@ -153,7 +204,9 @@ def _loop(method, config, workdir, ckpt, mesh, data, state, step, total, progres
         _flush(pending, config, metrics_path, is_main, bar, t_last, n_last, images_per_step)
         if pending[0] % config.log_every_steps == 0:
           t_last, n_last = time.perf_counter(), pending[0]
-      pending = (step, metrics)
+      watched = (_watch(watcher, best, best_ckpt, config, state, step, total)
+                 if watcher is not None and (step % config.log_every_steps == 0 or step == total) else {})
+      pending = (step, metrics, watched)
       if ckpt.should_save(step) or step == total:
         _flush(pending, config, metrics_path, is_main, bar, t_last, n_last, images_per_step, force_log=True)
         pending = None
@@ -161,15 +214,18 @@ def _loop(method, config, workdir, ckpt, mesh, data, state, step, total, progres
       bar.update(1)
   finally:
     bar.close()
+    if best_ckpt is not None:
+      best_ckpt.close()
   if is_main:
     log.info('%s: %d steps done; first step (compile) %.1f s', config.method, total, compile_s or 0.0)
   return state
 
 
 def _flush(pending, config, metrics_path, is_main, bar, t_last, n_last, images_per_step, force_log=False):
-  step, metrics = pending
+  step, metrics, watched = pending
   values = {k: float(v) for k, v in jax.device_get(metrics).items()}
   _check_finite(values, step)
+  values.update(watched)  # monitor values: NaN is a valid answer (e.g. no defect pixel), not a failure
   if step % config.log_every_steps == 0 or force_log:
     now = time.perf_counter()
     rate = (step - n_last) * images_per_step / max(now - t_last, 1e-9) if step > n_last else float('nan')

@@ -2,8 +2,10 @@
 
 import os
 
+import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 from configs import reproduce as reproduce_config
 from semiseg import fileio, report, reproduce, train
@@ -52,6 +54,37 @@ def test_report_has_every_table_and_the_figures(repro):
   for method in ('ae', 'unet', 'ae_unet'):
     pngs = os.listdir(os.path.join(root, 'figures', 'overlays', 'washer', method))
     assert len(pngs) == n_test and all(p.endswith('.png') for p in pngs)
+
+
+def test_diff_quality_csv_and_table_against_an_independent_auroc(repro):
+  root, result = repro
+  with open(os.path.join(root, 'diff_quality.csv')) as f:
+    assert f.readline().strip() == ','.join(report.DIFF_QUALITY_COLUMNS)
+  rows = report.read_csv(os.path.join(root, 'diff_quality.csv'))
+  assert sorted((r['category'], r['seed'], r['split']) for r in rows) == [('washer', 0, 'labeled'),
+                                                                          ('washer', 0, 'test')]
+  # The trivial yardstick |I - M| recomputed here from the data with scikit-learn (the CSV's comes
+  # from the streaming histogram metrics).
+  from semiseg.data import pipeline
+  config = reproduce.cell_config(smoke_config(), reproduce.Cell('synthetic_defects', 'washer', 0, 'ae'), root)
+  data = pipeline.load_category(config.data, os.path.join(root, 'washer'))
+  mean = data.unlabeled.images.astype(np.float64).mean(0) / 255.0
+  for split, part in (('test', data.test), ('labeled', data.labeled)):
+    trivial = np.abs(part.images / 255.0 - mean).mean(-1)
+    expected = roc_auc_score(part.masks[..., 0].ravel().astype(bool), trivial.ravel())
+    got = next(r for r in rows if r['split'] == split)
+    assert got['trivial_auroc'] == pytest.approx(expected, abs=2e-3), split
+    assert 0.0 <= got['pixel_auroc'] <= 1.0 and 0.0 <= got['pixel_ap'] <= 1.0
+  text = open(result.report_path).read()
+  assert '## Difference image' in text and '|I − M| AUROC' in text
+
+
+def test_training_curves_per_category_linked_from_the_report(repro):
+  root, result = repro
+  text = open(result.report_path).read()
+  assert '## Training curves' in text and '](figures/curves_washer.png)' in text
+  fig = Image.open(os.path.join(root, 'figures', 'curves_washer.png'))
+  assert fig.size[0] > 500
 
 
 def test_rerun_skips_finished_cells(repro, monkeypatch):

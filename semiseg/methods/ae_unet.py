@@ -25,20 +25,21 @@ def validate(config) -> None:
     raise ValueError(f'config.model.unet_input must be one of {INPUTS}, got {config.model.unet_input!r}.')
 
 
-def unet_input(images_BxHxWx3: jax.Array, ae_params, ae_model: ConvAutoencoder, mode: str) -> jax.Array:
+def unet_input(images_BxHxWx3: jax.Array, ae_params, ae_model: ConvAutoencoder, mode: str,
+               sigma: float = 0.0) -> jax.Array:
   """The U-Net's input for an ablation mode; D comes from the frozen AE (no gradient reaches it)."""
   if mode == 'image':
     return images_BxHxWx3
-  diff = jax.lax.stop_gradient(autoencoder.difference(ae_params, images_BxHxWx3, ae_model))
+  diff = jax.lax.stop_gradient(autoencoder.difference(ae_params, images_BxHxWx3, ae_model, sigma))
   if mode == 'diff':
     return diff
   return jnp.concatenate([images_BxHxWx3, diff], axis=-1)
 
 
 def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, ae_model: ConvAutoencoder,
-               tx: optax.GradientTransformation, spec: augment.AugmentSpec, mode: str):
+               tx: optax.GradientTransformation, spec: augment.AugmentSpec, mode: str, sigma: float):
   images, masks = unet.augmented_labeled(state, batch, spec)
-  inputs = unet_input(images, state.extras['ae_params'], ae_model, mode)
+  inputs = unet_input(images, state.extras['ae_params'], ae_model, mode, sigma)
 
   def loss_fn(params):
     return base.sigmoid_bce(model.apply(params, inputs), masks)
@@ -48,8 +49,8 @@ def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, ae_mod
 
 
 def score_map(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: UNet, ae_model: ConvAutoencoder,
-            mode: str) -> jax.Array:
-  inputs = unet_input(images_BxHxWx3, state.extras['ae_params'], ae_model, mode)
+            mode: str, sigma: float) -> jax.Array:
+  inputs = unet_input(images_BxHxWx3, state.extras['ae_params'], ae_model, mode, sigma)
   return jax.nn.sigmoid(model.apply(state.params, inputs)[..., 0])
 
 
@@ -75,7 +76,8 @@ def ae_config(config) -> config_dict.ConfigDict:
 
 def prerequisites(config) -> dict[str, base.Prerequisite]:
   """A trained AE (paper 3.2): in ``config.ae_workdir`` when set, else trained in ``<workdir>/ae``."""
-  return {'ae': base.Prerequisite(config=ae_config(config), workdir_key='ae_workdir')}
+  return {'ae': base.Prerequisite(config=ae_config(config), workdir_key='ae_workdir',
+                                  allow_collapsed_key='ae_allow_collapsed')}
 
 
 def create(config, ctx: base.MethodContext, trained: Mapping[str, base.TrainState]) -> base.Method:
@@ -92,11 +94,12 @@ def create_with_ae(config, ctx: base.MethodContext, ae_params) -> base.Method:
   spec = base.augment_spec(config, ctx)
   in_channels = {'image': 3, 'diff': 3, 'image+diff': 6}[mode]
   ae_abstract = jax.eval_shape(lambda: ae_params)
+  sigma = float(config.model.diff_blur)
   return base.Method(
       name='ae_unet', streams=('labeled',), score_kind='probability',
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size, in_channels=in_channels,
                    ae_abstract=ae_abstract),
-      train_step=partial(train_step, model=model, ae_model=ae_model, tx=tx, spec=spec, mode=mode),
-      score_map=partial(score_map, model=model, ae_model=ae_model, mode=mode),
+      train_step=partial(train_step, model=model, ae_model=ae_model, tx=tx, spec=spec, mode=mode, sigma=sigma),
+      score_map=partial(score_map, model=model, ae_model=ae_model, mode=mode, sigma=sigma),
       reconstruct=partial(reconstruct, ae_model=ae_model),
       extras={'ae_params': ae_params})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -65,24 +66,60 @@ def reconstruct(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: Con
   return model.apply(state.params, images_BxHxWx3)
 
 
-def difference(ae_params, images_BxHxWx3: jax.Array, model: ConvAutoencoder) -> jax.Array:
-  """D = |I - AE(I)| per channel (paper eq. 3)."""
-  return jnp.abs(images_BxHxWx3 - model.apply(ae_params, images_BxHxWx3))
+def blur(maps_BxHxWxC: jax.Array, sigma: float) -> jax.Array:
+  """Gaussian blur per channel (truncated at 3 sigma, edges repeated); identity for sigma <= 0."""
+  if sigma <= 0:
+    return maps_BxHxWxC
+  radius = max(1, int(round(3 * sigma)))
+  g = gaussian_window(2 * radius + 1, sigma)
+  c = maps_BxHxWxC.shape[-1]
+  padded = jnp.pad(maps_BxHxWxC, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode='edge')
+  dims = ('NHWC', 'HWIO', 'NHWC')
+  rows = jax.lax.conv_general_dilated(padded, g[:, None, None, None] * jnp.ones((1, 1, 1, c)), (1, 1),
+                                      'VALID', feature_group_count=c, dimension_numbers=dims)
+  return jax.lax.conv_general_dilated(rows, g[None, :, None, None] * jnp.ones((1, 1, 1, c)), (1, 1),
+                                      'VALID', feature_group_count=c, dimension_numbers=dims)
 
 
-def score_map(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: ConvAutoencoder) -> jax.Array:
-  """Anomaly score map: the channel mean of |I - AE(I)|, in [0, 1]."""
-  return difference(state.params, images_BxHxWx3, model).mean(axis=-1)
+def difference(ae_params, images_BxHxWx3: jax.Array, model: ConvAutoencoder, sigma: float = 0.0) -> jax.Array:
+  """D = |I - AE(I)| per channel (paper eq. 3), blurred by ``sigma`` px (config.model.diff_blur)."""
+  return blur(jnp.abs(images_BxHxWx3 - model.apply(ae_params, images_BxHxWx3)), sigma)
+
+
+def score_map(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: ConvAutoencoder,
+              sigma: float = 0.0) -> jax.Array:
+  """Anomaly score map: the channel mean of D, in [0, 1]."""
+  return difference(state.params, images_BxHxWx3, model, sigma).mean(axis=-1)
+
+
+AUGMENT = ('same', 'flips', 'none')
 
 
 def validate(config) -> None:
   base.check_divisible(config.data.image_size, 2 ** len(config.model.ae_features),
                        '2**len(config.model.ae_features)')
+  if config.ae_augment not in AUGMENT:
+    raise ValueError(f'config.ae_augment must be one of {AUGMENT}, got {config.ae_augment!r}.')
+  if config.model.diff_blur < 0:
+    raise ValueError(f'config.model.diff_blur must be >= 0, got {config.model.diff_blur}.')
+  if config.ae_select not in SELECT:
+    raise ValueError(f'config.ae_select must be one of {SELECT}, got {config.ae_select!r}.')
 
 
 def create_model(config) -> ConvAutoencoder:
   return ConvAutoencoder(features=tuple(config.model.ae_features), latent_dim=config.model.latent_dim,
-                         dtype=base.compute_dtype(config.model.dtype))
+                         dtype=base.compute_dtype(config.model.dtype), activation=config.model.ae_activation,
+                         bottleneck=config.model.ae_bottleneck)
+
+
+def ae_augment_spec(config, ctx: base.MethodContext) -> augment.AugmentSpec:
+  """The AE's own warps (config.ae_augment): the run's, flips only, or none (textures keep their crop)."""
+  spec = base.augment_spec(config, ctx)
+  if config.ae_augment == 'flips':
+    return dataclasses.replace(spec, max_rotation_deg=0.0, max_translate=0.0)
+  if config.ae_augment == 'none':
+    return dataclasses.replace(spec, enabled=False)
+  return spec
 
 
 def init(key: jax.Array, *, model: ConvAutoencoder, tx, image_size: int) -> base.TrainState:
@@ -92,14 +129,22 @@ def init(key: jax.Array, *, model: ConvAutoencoder, tx, image_size: int) -> base
                          key=state_key)
 
 
+# config.ae_select -> the checkpoint the AE's users get: the last one, or the best by the monitor below.
+SELECT = ('last', 'labeled_auroc')
+MONITOR = 'diff_auroc_labeled'  # pixel AUROC of the score map on the labeled images, at log steps
+
+
 def create(config, ctx: base.MethodContext) -> base.Method:
   model = create_model(config)
-  tx = base.optimizer_from_config(config, ctx)
-  spec = base.augment_spec(config, ctx)
+  lr = config.ae_learning_rate or config.optim.learning_rate
+  tx = base.create_optimizer(lr, config.optim.decay_rate, config.optim.decay_every_epochs * ctx.steps_per_epoch)
+  spec = ae_augment_spec(config, ctx)
+  sigma = float(config.model.diff_blur)
   reconstruction_loss(jnp.zeros((1, 16, 16, 1)), jnp.zeros((1, 16, 16, 1)), config.model.ae_loss)  # validate
   return base.Method(
       name='ae', streams=('unlabeled',), score_kind='anomaly',
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size),
       train_step=partial(train_step, model=model, tx=tx, spec=spec, loss_kind=config.model.ae_loss),
-      score_map=partial(score_map, model=model),
-      reconstruct=partial(reconstruct, model=model))
+      score_map=partial(score_map, model=model, sigma=sigma),
+      reconstruct=partial(reconstruct, model=model),
+      monitor=MONITOR, select_best=config.ae_select == 'labeled_auroc')

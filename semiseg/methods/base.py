@@ -52,6 +52,10 @@ class Method:
   solve: Callable[[TrainState, jax.Array], TrainState] | None = None
   reconstruct: Callable[[TrainState, jax.Array], jax.Array] | None = None
   extras: Any = None  # arrays the loop puts into a fresh state's ``extras`` (e.g. the frozen AE)
+  # A name: at every log step the loop logs, under it, the pixel AUROC of ``score_map`` on the labeled
+  # images (training data: their masks are labels), and watches the reconstruction for collapse.
+  monitor: str | None = None
+  select_best: bool = False  # the method's users get the checkpoint with the best monitor value
 
   @property
   def predict(self) -> Callable[[TrainState, jax.Array], jax.Array]:
@@ -80,9 +84,12 @@ class Prerequisite:
     config: the prerequisite's own run config (``config.method`` names it), derived from the dependent's.
     workdir_key: the top-level key of the dependent's config that names a workdir where it is already
       trained (then it is only restored); unset, the loop trains it in ``<workdir>/<name>``.
+    allow_collapsed_key: the dependent's config key that allows building on a prerequisite whose
+      training collapsed (semiseg/monitor.py's health.json); without it that is an error.
   """
   config: Any
   workdir_key: str
+  allow_collapsed_key: str | None = None
 
 
 def create_optimizer(learning_rate: float, decay_rate: float, transition_steps: int) -> optax.GradientTransformation:

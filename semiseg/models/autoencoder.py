@@ -47,22 +47,39 @@ class UpConv4x4(nn.Module):
     return y.reshape(b, 2 * h, 2 * w, self.features) + bias.astype(y.dtype)
 
 
+ACTIVATIONS = {'leaky_relu': lambda x: nn.leaky_relu(x, 0.2), 'relu': nn.relu, 'elu': nn.elu}
+BOTTLENECKS = ('dense', 'conv')
+
+
 class ConvAutoencoder(nn.Module):
-  """Strided-conv encoder -> Dense(latent_dim) -> mirrored decoder; output in [0, 1].
+  """Strided-conv encoder -> latent code -> mirrored decoder; output in [0, 1].
 
   Each entry of ``features`` is one encoder level: a 4x4 stride-2 convolution (halving H and W)
-  followed by a 3x3 convolution, LeakyReLU after each. The decoder mirrors it with 4x4 stride-2
+  followed by a 3x3 convolution, ``activation`` after each. The code is a vector of ``latent_dim``
+  (``bottleneck='dense'``, the paper's Figure 3) or ``latent_dim`` channels at the bottom resolution
+  (``'conv'``, a 1x1 convolution: a spatial code). The decoder mirrors the encoder with 4x4 stride-2
   transposed convolutions (``UpConv4x4``), and a final 3x3 convolution + sigmoid gives the reconstruction.
   """
   features: Sequence[int] = (32, 64, 128, 256, 256)
   latent_dim: int = 500
   out_channels: int = 3
   dtype: Any = jnp.float32
+  activation: str = 'leaky_relu'
+  bottleneck: str = 'dense'
 
   def setup(self):
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f'config.model.ae_activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}.')
+    if self.bottleneck not in BOTTLENECKS:
+      raise ValueError(f'config.model.ae_bottleneck must be one of {BOTTLENECKS}, got {self.bottleneck!r}.')
+    self.act = ACTIVATIONS[self.activation]
     self.down = [(nn.Conv(f, (4, 4), strides=(2, 2), padding='SAME', dtype=self.dtype),
                   nn.Conv(f, (3, 3), padding='SAME', dtype=self.dtype)) for f in self.features]
-    self.to_latent = nn.Dense(self.latent_dim, dtype=self.dtype)
+    if self.bottleneck == 'dense':
+      self.to_latent = nn.Dense(self.latent_dim, dtype=self.dtype)
+    else:
+      self.to_latent = nn.Conv(self.latent_dim, (1, 1), dtype=self.dtype)
+      self.from_latent_conv = nn.Conv(self.features[-1], (1, 1), dtype=self.dtype)
     self.up = [(UpConv4x4(f, dtype=self.dtype),
                 nn.Conv(f, (3, 3), padding='SAME', dtype=self.dtype))
                for f in list(reversed(self.features))[1:] + [self.features[0]]]
@@ -76,23 +93,27 @@ class ConvAutoencoder(nn.Module):
     return h // scale, w // scale, self.features[-1]
 
   def encode(self, x_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
+    """The code: [B, latent_dim] ('dense') or [B, h, w, latent_dim] ('conv')."""
     x = x_BxHxWxC.astype(self.dtype)
     for strided, conv in self.down:
-      x = nn.leaky_relu(strided(x), 0.2)
-      x = nn.leaky_relu(conv(x), 0.2)
-    return self.to_latent(x.reshape(x.shape[0], -1))
+      x = self.act(strided(x))
+      x = self.act(conv(x))
+    return self.to_latent(x if self.bottleneck == 'conv' else x.reshape(x.shape[0], -1))
 
-  def decode(self, z_BxD: jnp.ndarray, hw: tuple[int, int]) -> jnp.ndarray:
+  def decode(self, z: jnp.ndarray, hw: tuple[int, int]) -> jnp.ndarray:
     bh, bw, bc = self._bottom_shape(*hw)
-    x = self.from_latent(z_BxD, bh * bw * bc).reshape(-1, bh, bw, bc)
+    if self.bottleneck == 'conv':
+      x = self.act(self.from_latent_conv(z))
+    else:
+      x = self.from_latent(z, bh * bw * bc).reshape(-1, bh, bw, bc)
     for upconv, conv in self.up:
-      x = nn.leaky_relu(upconv(x), 0.2)
-      x = nn.leaky_relu(conv(x), 0.2)
+      x = self.act(upconv(x))
+      x = self.act(conv(x))
     return jax.nn.sigmoid(self.head(x).astype(jnp.float32))
 
   @nn.compact
   def from_latent(self, z_BxD: jnp.ndarray, size: int) -> jnp.ndarray:
-    return nn.leaky_relu(nn.Dense(size, dtype=self.dtype, name='from_latent_dense')(z_BxD), 0.2)
+    return self.act(nn.Dense(size, dtype=self.dtype, name='from_latent_dense')(z_BxD))
 
   def __call__(self, x_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
     """Reconstruction of ``x`` (values in [0, 1]), same shape, float32."""
