@@ -162,6 +162,11 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
   if method.score_kind == 'anomaly' and rule != 'oracle':
     oracle_t = curves.fit_threshold(test_scores, masks_2d(data.test))
     out['oracle'] = {'threshold': oracle_t, 'test': metrics_at(test_scores, data.test, oracle_t, num_bins)[0]}
+  good = np.array([t == 'good' for t in data.test.defect_types], bool)
+  if method.score_kind == 'anomaly' and method.reconstruct is not None and good.any():
+    # The score is |I - reconstruction| (channel mean): its mean over normal test images is how well
+    # the model reproduces the category (AnoGAN's generator against the AE's, say).
+    out['recon_error_good'] = float(test_scores[good].mean())
   if method.monitor is not None:
     out['trivial'] = trivial_quality(data, num_bins)
   out.update(extra or {})

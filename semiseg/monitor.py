@@ -1,5 +1,6 @@
-"""What the loop watches besides the loss: a method's score map on the labeled images (pixel AUROC) at
-log steps, the best checkpoint by it, and at the end the run's health (a collapse must not pass silently).
+"""What the loop watches besides the loss: a method's score map on the labeled images at log steps (pixel
+AUROC of an anomaly score, defect IoU of a probability), the best checkpoint by it, and at the end the
+run's health (a collapse must not pass silently).
 
 The labeled images are training data (their masks are the labels every U-Net method trains on), so
 ranking an AE's checkpoints by them uses no test label. ``health.json`` in the workdir records:
@@ -47,21 +48,35 @@ def spread(images: np.ndarray) -> float:
   return float(np.asarray(images, np.float64).std(axis=0).mean())
 
 
-class Monitor:
-  """Score maps and reconstructions of the labeled images for a state, jitted once."""
+def defect_iou(probabilities: np.ndarray, masks: np.ndarray, threshold: float) -> float:
+  """Defect-class IoU of thresholded maps summed over all pixels; NaN when both are empty."""
+  pred = probabilities >= threshold
+  union = np.logical_or(pred, masks).sum()
+  return float(np.logical_and(pred, masks).sum() / union) if union else float('nan')
 
-  def __init__(self, method, ctx, mesh, labeled):
+
+class Monitor:
+  """Score maps (and reconstructions) of the labeled images for a state, each jitted once."""
+
+  def __init__(self, method, ctx, mesh, labeled, threshold: float = 0.5):
     self.name = method.monitor
     self.images, self.masks = labeled.images, labeled.masks[..., 0].astype(bool)
     batch = min(16, max(1, len(self.images)))
-    self.scorer = evaluate.Scorer(method, None, ctx, mesh, batch)
+    maps = {self.name: method.score_map, **(method.monitor_maps or {})}
+    self.scorers = {name: evaluate.Scorer(method, None, ctx, mesh, batch, fn=fn) for name, fn in maps.items()}
+    if method.score_kind == 'anomaly':
+      self.measure = pixel_auroc
+    else:
+      self.measure = lambda p, m: defect_iou(p, m, threshold)
     self.recon = (evaluate.Scorer(method, None, ctx, mesh, batch, fn=method.reconstruct)
                   if method.reconstruct is not None else None)
     self.input_spread = spread(self.images.astype(np.float32) / 255.0)
 
   def __call__(self, state) -> dict[str, float]:
-    self.scorer.state = state
-    out = {self.name: pixel_auroc(self.scorer(self.images), self.masks)}
+    out = {}
+    for name, scorer in self.scorers.items():
+      scorer.state = state
+      out[name] = self.measure(scorer(self.images), self.masks)
     if self.recon is not None and len(self.images) > 1:
       self.recon.state = state
       out['recon_spread'] = spread(self.recon(self.images)) / max(self.input_spread, 1e-12)

@@ -311,7 +311,8 @@ def threshold_free_table(rows: list[dict]) -> str:
 
 def build_markdown(*, dataset: str, rows: list[dict], timing: list[dict], counts: dict[str, dict],
                    figures: dict[str, str], overlay_dir: str | None, notes: list[str],
-                   diff_rows: list[dict] | None = None, curves: dict[str, str] | None = None) -> str:
+                   diff_rows: list[dict] | None = None, curves: dict[str, str] | None = None,
+                   recon_rows: list[dict] | None = None) -> str:
   """report.md: every table of the paper, our numbers as mean ± sample std (ddof=1) over seeds."""
   mvtec = dataset == 'mvtec_ad'
   seeds = sorted({r['seed'] for r in rows})
@@ -365,6 +366,11 @@ def build_markdown(*, dataset: str, rows: list[dict], timing: list[dict], counts
             'nothing a mean image would not. Pixel AUROC and AP on the test split, AUPRO (FPR ≤ 0.3), and '
             'AUROC on the labeled images (what `config.ae_select=labeled_auroc` selects by). Raw numbers: '
             '`diff_quality.csv`.', '', diff_quality_table(diff_rows), '']
+  if recon_rows:
+    out += ['## Reconstruction error on normal test images', '',
+            'Mean |I − reconstruction| (channel mean, per pixel) over the test split\'s good images: how well each '
+            'reconstructing method reproduces the category (AnoGAN: its generator after the latent search).', '',
+            metric_table(recon_rows, 'recon_error_good', digits=4), '']
   if curves:
     out += ['## Training curves', '',
             'Every method\'s logged training loss against step (each cell\'s `metrics.jsonl`; the AE\'s '

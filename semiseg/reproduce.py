@@ -303,18 +303,22 @@ class Collected:
   counts: dict[str, dict]
   diff_rows: list[dict]  # diff_quality.csv: cells whose eval has the trivial yardstick (the AE)
   notes: list[str]  # collapsed trainings
+  recon_rows: list[dict]  # reconstruction error on normal test images of the reconstructing methods
 
 
 def collect(config, root: str, cells: list[Cell]) -> Collected:
   """Rows, timing, counts per category and D's quality from the eval.json files of the cells finished
   with this config (a stale eval.json of another config is left out)."""
-  rows, timing, counts, diff_rows, notes = [], [], {}, [], []
+  rows, timing, counts, diff_rows, notes, recon_rows = [], [], {}, [], [], []
   for c in cells:
     ev = finished_eval(c.workdir(root), fingerprint(cell_config(config, c, root)))
     if ev is None:
       continue
     if 'trivial' in ev and c.variant == MAIN:
       diff_rows += report.diff_quality_rows(ev, c.dataset, c.category, c.seed)
+    if ev.get('recon_error_good') is not None and c.variant == MAIN:
+      recon_rows.append(dict(category=c.category, method=c.method, seed=c.seed, variant=MAIN, split='test',
+                             recon_error_good=float(ev['recon_error_good'])))
     if (ev.get('health') or {}).get('collapsed'):
       notes.append(f'{c.category}/seed{c.seed}/{c.name}: training collapsed ('
                    + '; '.join(ev['health']['warnings']) + ').')
@@ -322,7 +326,7 @@ def collect(config, root: str, cells: list[Cell]) -> Collected:
     timing.append(report.timing_from_eval(ev, c.dataset, c.category, c.method, c.variant, c.seed))
     counts.setdefault(c.category, {'unlabeled': ev['num_unlabeled_images'], 'labeled': ev['num_labeled_images'],
                                    'test': ev['num_test_images'] * ev.get('test_tiles_per_image', 1)})
-  return Collected(rows, timing, counts, diff_rows, notes)
+  return Collected(rows, timing, counts, diff_rows, notes, recon_rows)
 
 
 def write_figures(root: str, cells: list[Cell]) -> dict[str, str]:
@@ -391,6 +395,7 @@ def write_report(config, root: str, cells: list[Cell], run: list[str], done: lis
   overlay_rel = os.path.join('figures', 'overlays', overlay_category)
   text = report.build_markdown(dataset=config.data.name, rows=rows, timing=timing, counts=got.counts,
                                figures=figure_paths, notes=notes, diff_rows=got.diff_rows, curves=curve_paths,
+                               recon_rows=got.recon_rows,
                                overlay_dir=overlay_rel if os.path.isdir(os.path.join(root, overlay_rel)) else None)
   fileio.write_text_atomic(path, text + '\n')
   return ReproduceResult(rows, timing, path, run, done, failed, skipped_methods)

@@ -190,7 +190,8 @@ def _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, pr
   pending = None  # (step, metrics, monitor values): pulled one step late so dispatch stays asynchronous
   t_last, n_last = time.perf_counter(), step
   compile_s = None
-  watcher = monitor.Monitor(method, ctx, mesh, data.labeled) if method.monitor is not None else None
+  watcher = (monitor.Monitor(method, ctx, mesh, data.labeled, float(config.threshold))
+             if method.monitor is not None else None)
   best_ckpt = _best_checkpointer(config, workdir) if best is not None else None
   try:
     while step < total:

@@ -52,9 +52,11 @@ class Method:
   solve: Callable[[TrainState, jax.Array], TrainState] | None = None
   reconstruct: Callable[[TrainState, jax.Array], jax.Array] | None = None
   extras: Any = None  # arrays the loop puts into a fresh state's ``extras`` (e.g. the frozen AE)
-  # A name: at every log step the loop logs, under it, the pixel AUROC of ``score_map`` on the labeled
-  # images (training data: their masks are labels), and watches the reconstruction for collapse.
+  # A name: at every log step the loop logs, under it, how ``score_map`` does on the labeled images
+  # (training data: their masks are labels): pixel AUROC for anomaly scores, defect IoU at
+  # config.threshold for probabilities; and watches the reconstruction, if any, for collapse.
   monitor: str | None = None
+  monitor_maps: dict[str, Callable[[TrainState, jax.Array], jax.Array]] | None = None  # more maps, same measure
   select_best: bool = False  # the method's users get the checkpoint with the best monitor value
 
   @property

@@ -13,9 +13,16 @@ from semiseg.methods import base, consistency, unet
 from semiseg.models.unet import UNet
 
 
-def ema(teacher, student, decay: float):
+def ema(teacher, student, decay):
   """teacher <- decay * teacher + (1 - decay) * student, leaf by leaf."""
   return jax.tree.map(lambda t, s: decay * t + (1.0 - decay) * s, teacher, student)
+
+
+def ema_decay_at(step: jax.Array, ema_decay: float) -> jax.Array:
+  """The reference code's warm-up (Tarvainen and Valpola 2017, update_ema_variables): the true average
+  of the students so far until the exponential average is the better estimate,
+  min(1 - 1 / (step + 1), ema_decay), ``step`` counting updates made (1 at the first)."""
+  return jnp.minimum(1.0 - 1.0 / (step.astype(jnp.float32) + 1.0), ema_decay)
 
 
 def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, tx: optax.GradientTransformation,
@@ -39,9 +46,15 @@ def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, tx: op
 
   (loss, (ce, agreement)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new = base.apply_updates(state, grads, tx)
-  # EMA of the updated student (after the optimizer step, as in the paper's Algorithm).
-  new = new.replace(extras={'teacher': ema(state.extras['teacher'], new.params, ema_decay)})
-  return new, {'loss': loss, 'ce': ce, 'consistency': agreement, 'consistency_weight': weight}
+  # EMA of the updated student (after the optimizer step, as in the paper's Algorithm), warmed up:
+  # without it a 0.99 teacher still holds (0.99)^t of its random start after t steps.
+  decay = ema_decay_at(new.step, ema_decay)
+  new = new.replace(extras={'teacher': ema(state.extras['teacher'], new.params, decay)})
+  return new, {'loss': loss, 'ce': ce, 'consistency': agreement, 'consistency_weight': weight, 'ema_decay': decay}
+
+
+def student_score_map(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: UNet) -> jax.Array:
+  return jax.nn.sigmoid(model.apply(state.params, images_BxHxWx3)[..., 0])
 
 
 def score_map(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: UNet) -> jax.Array:
@@ -71,4 +84,5 @@ def create(config, ctx: base.MethodContext) -> base.Method:
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size),
       train_step=partial(train_step, model=model, tx=tx, spec=spec, max_weight=max_weight,
                          rampup_steps=rampup_steps, ema_decay=ema_decay),
-      score_map=partial(score_map, model=model))
+      score_map=partial(score_map, model=model),
+      monitor='teacher_iou_labeled', monitor_maps={'student_iou_labeled': partial(student_score_map, model=model)})
