@@ -53,8 +53,9 @@ def assert_same_bits(a, b) -> None:
 
 
 def child_env() -> dict[str, str]:
-  """Subprocesses share the session's TFDS data and the tests' compilation cache."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TQDM_DISABLE='1', PYTHONPATH=ROOT)
+  """Subprocesses share the session's TFDS data and the tests' compilation cache, and import the
+  installed package as the tests do (conftest.py's PYTHONSAFEPATH)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TQDM_DISABLE='1')
   env['SEMISEG_JAX_CACHE'] = env['JAX_COMPILATION_CACHE_DIR'] = os.environ['SEMISEG_TEST_JAX_CACHE']
   return env
 

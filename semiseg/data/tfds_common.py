@@ -48,6 +48,17 @@ def decode_str(value) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+  """TFDS's DatasetInfo without the look-up of published metadata for a dataset not prepared yet.
+
+  Our datasets have none, and TFDS 4.9.10 makes an empty temporary folder for that look-up and never
+  deletes it: one left in the system temp dir for every builder made before its data exists.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class NoTfBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A GeneratorBasedBuilder whose ``code_path`` is the defining file.
 

@@ -89,7 +89,7 @@ class MvtecAd(tfds_common.NoTfBuilder):
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return tfds_common.LocalDatasetInfo(
         builder=self,
         description='MVTec AD: 15 categories of industrial images with pixel defect masks.',
         features=tfds_common.features(self.builder_config.image_size),

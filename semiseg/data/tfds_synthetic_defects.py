@@ -5,7 +5,7 @@
     source = builder.as_data_source()  # {'train': ..., 'test': ...}
 
 The tree is generated into a temporary folder (deterministic for the config's seed), read back
-with the same tree reader (mvtec_tree.py) as MVTec AD and a user's folder, and deleted with the builder.
+with the same tree reader (mvtec_tree.py) as MVTec AD and a user's folder, and deleted when preparation ends.
 """
 
 from __future__ import annotations
@@ -62,8 +62,22 @@ class SyntheticDefects(tfds_common.NoTfBuilder):
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = list(_REGISTERED.values())
 
+  def __init__(self, *args, **kwargs):
+    self._trees: list[weakref.finalize] = []  # generated trees to delete after preparation
+    super().__init__(*args, **kwargs)
+
+  def download_and_prepare(self, **kwargs) -> None:
+    """TFDS's, then the generated tree is deleted at once: a process that ends without running its
+    exit handlers (os._exit, a killed worker) leaves nothing in the temp dir."""
+    try:
+      super().download_and_prepare(**kwargs)
+    finally:
+      for remove in self._trees:
+        remove()
+      self._trees.clear()
+
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return tfds_common.LocalDatasetInfo(
         builder=self,
         description='Synthetic defect segmentation set in the MVTec AD layout (semiseg).',
         features=tfds_common.features(self.builder_config.image_size),
@@ -74,7 +88,9 @@ class SyntheticDefects(tfds_common.NoTfBuilder):
     del dl_manager  # nothing to download
     cfg = self.builder_config
     tmp = tempfile.mkdtemp(prefix='semiseg_synthetic_')
-    weakref.finalize(self, shutil.rmtree, tmp, True)  # both split generators read it lazily
+    # Both split generators read it lazily: it goes when preparation ends (download_and_prepare),
+    # or with the builder if that never runs them.
+    self._trees.append(weakref.finalize(self, shutil.rmtree, tmp, True))
     # Textures are stored at 2x the object side, so one image_size serves both kinds.
     synthetic_render.generate_tree(tmp, [cfg.category], seed=cfg.seed, counts=dict(cfg.counts),
                             object_size=cfg.image_size, texture_size=cfg.image_size,
