@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from typing import Callable
 
 import jax
@@ -135,32 +134,28 @@ def _quiet_converter():
 
 
 def export_onnx(fn, stored_size: int, path: str, model_name: str) -> None:
-  """``fn`` as an ONNX graph with a symbolic batch at ``path`` (atomic); ``OnnxExportError`` naming the
-  primitive when a part does not convert."""
+  """``fn`` as one self-contained ONNX file with a symbolic batch at ``path`` (atomic); ``OnnxExportError``
+  naming the primitive when a part does not convert."""
   _check_jax2onnx()
   import jax2onnx
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-  os.close(fd)
   spec = input_spec(stored_size)
   # The converter gets the traced program (lax primitives, as jax.export serializes it), not the Python
   # function: traced by jax2onnx, Flax layers and jax.nn calls would go through its own re-implementations.
   program = jax.extend.core.jaxpr_as_fun(jax.make_jaxpr(fn)(spec))
   try:
     with _quiet_converter():
-      jax2onnx.to_onnx(lambda images: program(images)[0], inputs=[spec], model_name=model_name,
-                       opset=ONNX_OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                       return_mode='file', output_path=tmp)
-    os.replace(tmp, path)
+      proto = jax2onnx.to_onnx(lambda images: program(images)[0], inputs=[spec], model_name=model_name,
+                               opset=ONNX_OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+    # Its own file mode moves initializers over 1 MB into a sidecar .data file named after the file it
+    # wrote; the parameters stay inside model.onnx instead (one file, protobuf's 2 GB at most).
+    data = proto.SerializeToString()
   except Exception as e:  # pylint: disable=broad-except
     primitive = _failed_primitive(e)
     where = f'primitive {primitive!r}' if primitive else 'an unnamed step'
     first = str(e).strip().splitlines()[0] if str(e).strip() else ''
     raise OnnxExportError(f'ONNX conversion of {model_name} failed at {where}: {type(e).__name__}: {first}'
                           ) from e
-  finally:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
+  fileio.write_bytes_atomic(path, data)
 
 
 def versions() -> dict[str, str | None]:

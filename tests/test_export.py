@@ -164,6 +164,20 @@ def test_anogan_onnx_error_names_the_primitive(tmp_path):
   assert os.listdir(tmp_path) == []  # no partial model.onnx
 
 
+@needs_onnx
+def test_onnx_is_one_file_with_large_parameters(tmp_path):
+  """Parameters over the converter's 1 MB sidecar threshold (PCA's basis at the CPU config: 25 MB) stay
+  inside model.onnx: one file to copy, and none named after a temporary file."""
+  import onnxruntime
+  w = np.random.default_rng(0).standard_normal((32 * 32 * 3, 128)).astype(np.float32)  # 1.5 MB
+  fn = lambda images: images.reshape(images.shape[0], -1) @ w
+  export.export_onnx(fn, 32, str(tmp_path / export.ONNX), 'big')
+  assert os.listdir(tmp_path) == [export.ONNX]
+  x = np.random.default_rng(1).random((2, 32, 32, 3), dtype=np.float32)
+  got = onnxruntime.InferenceSession(str(tmp_path / export.ONNX)).run(None, {export.INPUT_NAME: x})[0]
+  np.testing.assert_allclose(got, x.reshape(2, -1) @ w, rtol=1e-4, atol=1e-3)
+
+
 def test_failed_onnx_still_writes_the_rest(pca_texture, tmp_path, monkeypatch):
   """Without the converter: model.jaxexport and meta.json written, a stale model.onnx removed, the error
   (how to install it) raised with the result and recorded in meta.json."""
