@@ -148,7 +148,7 @@ def test_aupro_hand_computed_two_regions(exact):
   assert acc.result()['aupro'] == pytest.approx(53 / 72, abs=1e-9)
 
 
-def test_aupro_regions_are_8_connected_and_per_image():
+def test_aupro_regions_are_8_connected_within_an_image():
   scores, masks = _two_region_case()
   # With 4-connectivity A would be two 1-pixel regions and PRO a mean over three:
   #   .9: 1/3; .8, .7: 4/9; .6, .55: 5/9; .5 .. .3: 8/9; .2: 1 (FPR .4)
@@ -159,10 +159,28 @@ def test_aupro_regions_are_8_connected_and_per_image():
   acc.update(scores, masks)
   assert acc.result()['aupro'] == pytest.approx(53 / 72, abs=1e-9)
   assert abs(53 / 72 - 83 / 108) > 0.03
-  # The same image twice, in two updates: 4 regions, FPR over 40 normal pixels, same curve.
-  # Regions never join across images (the batch is labelled in one call).
-  acc.update(np.concatenate([scores, scores]), np.concatenate([masks, masks]))
-  assert acc.result()['aupro'] == pytest.approx(53 / 72, abs=1e-9)
+
+
+@pytest.mark.parametrize('exact', [True, False])
+def test_aupro_regions_never_join_across_the_images_of_a_batch(exact):
+  # Two 5x5 images in one batch. Image 0: region R1, the 2x2 block at rows 3-4, columns 0-1, scored .9.
+  # Image 1: region R2, column 0 (5 pixels), scored .05. Seen as one BxHxW volume, R2 touches R1 (same
+  # (y, x) at rows 3-4); stacked as one tall image, R1's bottom row touches R2's top pixel.
+  # 41 normal pixels score .1 .. .8, so FPR 0 .. 1 is walked with R1 covered and R2 not:
+  #   two regions: PRO = (1 + 0) / 2 = 1/2 up to FPR .3 -> AUPRO 1/2;
+  #   one joined region: PRO = 4/9 -> AUPRO 4/9.
+  scores = np.zeros((2, 5, 5))
+  masks = np.zeros((2, 5, 5), bool)
+  masks[0, 3:, :2] = True
+  masks[1, :, 0] = True
+  scores[0][masks[0]], scores[1][masks[1]] = .9, .05
+  scores[~masks] = np.linspace(.1, .8, int((~masks).sum()))
+  assert ndimage.label(masks, structure=np.ones((3, 3, 3)))[1] == 1  # one region as a volume
+  assert ndimage.label(masks.reshape(10, 5))[1] == 1  # and as one tall image
+  acc = metrics.SegmentationMetrics(exact=exact, num_bins=1000)
+  acc.update(scores, masks)
+  assert acc.result()['aupro'] == pytest.approx(1 / 2, abs=1e-9)
+  assert abs(1 / 2 - 4 / 9) > 0.05
 
 
 # ---------------------------------------------------------------- binned vs exact

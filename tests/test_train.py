@@ -7,9 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from configs import synthetic
+from configs import mvtec, synthetic
 from semiseg import evaluate, restore, train
+from semiseg.data import pipeline
 from tests import test_fileio
+from tests.methods import test_steps
 
 
 def unet_config(steps):
@@ -106,3 +108,28 @@ def test_each_method_checks_its_image_size_before_anything_trains(tmp_path, meth
   with pytest.raises(ValueError, match=key):
     train.train(config, str(tmp_path), progress=False)
   assert not os.path.exists(tmp_path / 'ae')  # ae_unet stopped before training its AE
+
+
+def test_the_applied_learning_rate_decays_x08_every_30_epochs_of_unlabeled_images():
+  """The paper's schedule (4.2: 1e-4, x0.8 every 30 epochs, 200 epochs) as the step applies it, with
+  num_epochs setting the length: an epoch is one pass's worth of the unlabeled images at batch_size,
+  for the U-Net too (its own stream, 3 labeled images, would make an epoch a single step)."""
+  config = mvtec.get_config('bottle,smoke,method=unet')
+  config.num_train_steps = None  # the length comes from num_epochs
+  config.data.image_size, config.batch_size, config.num_epochs = 16, 4, 95
+  assert (config.optim.learning_rate, config.optim.decay_rate, config.optim.decay_every_epochs) == (1e-4, 0.8, 30)
+  rng = np.random.default_rng(0)
+
+  def split(n):
+    return pipeline.Split(images=rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8),
+                          masks=np.zeros((n, 16, 16, 1), np.uint8), defect_types=['good'] * n,
+                          filenames=[f'good/{i}.png' for i in range(n)])
+  data = pipeline.CategoryData(unlabeled=split(10), labeled=split(3), test=split(2), manifest={}, texture=False,
+                               image_size=16)
+  method, _, ctx, _, total = restore.build(config, None, data=data)
+  steps_per_epoch = 3  # ceil(10 unlabeled images / batch 4)
+  assert (ctx.steps_per_epoch, total) == (steps_per_epoch, 95 * steps_per_epoch)
+  lrs = test_steps.applied_learning_rates(method.train_step.keywords['tx'], total)  # the step's optimizer
+  k = np.arange(total) // (30 * steps_per_epoch)  # decays after 30, 60 and 90 epochs
+  np.testing.assert_allclose(lrs, 1e-4 * 0.8 ** k, rtol=1e-4)
+  assert set(k) == {0, 1, 2, 3}

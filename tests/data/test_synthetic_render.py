@@ -40,10 +40,14 @@ def test_tree_layout_and_determinism(tmp_path):
   assert _files(c)['washer/train/good/000.png'] != fa['washer/train/good/000.png']
 
 
-def test_counts_do_not_move_other_images():
-  a = synthetic_render.render('gravel', 0, 'test', 'stain', 1, 64)
-  b = synthetic_render.render('gravel', 0, 'test', 'stain', 1, 64)
-  assert all((x == y).all() for x, y in zip(a, b))
+def test_counts_do_not_move_other_images(tmp_path):
+  few = _files(synthetic_render.generate_tree(str(tmp_path / 'few'), ['washer'], counts=COUNTS, object_size=32))
+  more = {'train': 3, 'test_good': 2, 'defect': 1}  # more of some folders, fewer of others
+  other = _files(synthetic_render.generate_tree(str(tmp_path / 'more'), ['washer'], counts=more, object_size=32))
+  common = set(few) & set(other)
+  # train/good, test/good, an image and a mask per defect type
+  assert set(few) != set(other) and len(common) >= 2 + 1 + 2 * 3
+  assert [f for f in sorted(common) if few[f] != other[f]] == []
 
 
 def test_some_defects_are_low_contrast():

@@ -66,7 +66,21 @@ def test_jit_and_no_jit_agree(method):
 
 def test_ae_unet_keeps_the_autoencoder_frozen():
   m, state, step = make('ae_unet')
-  new, _ = step(state, fixed_batch())
+  ae_params = state.extras['ae_params']
+  assert any(bool(jnp.any(x != 0)) for x in jax.tree.leaves(ae_params))  # an AE is in place, not the zeros
+
+  def loss_of_ae(ae):
+    return m.train_step(state.replace(extras={**state.extras, 'ae_params': ae}), fixed_batch())[1]['loss']
+  loss_and_grad = jax.jit(jax.value_and_grad(loss_of_ae))
+  loss, grads = loss_and_grad(ae_params)
+  # The U-Net's loss depends on the AE (through D = |I - AE(I)|) ...
+  nudged_loss, _ = loss_and_grad(jax.tree.map(lambda x: x * 1.5, ae_params))
+  assert abs(float(nudged_loss) - float(loss)) > 1e-6
+  # ... but no gradient of it reaches the AE, and a few steps leave the AE's parameters bit for bit.
+  assert all(not bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
+  new = state
+  for _ in range(3):
+    new, _ = step(new, fixed_batch())
   for x, y in zip(jax.tree.leaves(state.extras), jax.tree.leaves(new.extras)):
     np.testing.assert_array_equal(x, y)
 
@@ -102,15 +116,23 @@ def test_ae_score_map_is_channel_mean_abs_difference():
   np.testing.assert_allclose(m.score_map(state, x), np.abs(np.asarray(x) - np.asarray(recon)).mean(-1), atol=1e-6)
 
 
-def test_learning_rate_schedule_is_staircase():
-  tx = base.create_optimizer(1e-4, 0.8, 30)
-  p = {'w': jnp.ones(())}
-  s = tx.init(p)
-  sched = s[-1]  # scale_by_schedule state counts steps
-  del sched
-  import optax
-  f = optax.exponential_decay(1e-4, 30, 0.8, staircase=True)
-  assert float(f(29)) == pytest.approx(1e-4) and float(f(30)) == pytest.approx(0.8e-4)
-  assert float(f(65)) == pytest.approx(0.64e-4)
+def applied_learning_rates(tx, num_steps: int) -> np.ndarray:
+  """The step size ``tx`` applies at each of ``num_steps`` updates, read off the updates themselves: with
+  a constant gradient of 1, Adam's bias-corrected moments are exactly 1 and 1, so its update is
+  -lr / (1 + eps): -lr up to float32 rounding (~1e-5 relative)."""
+  params = {'w': jnp.zeros((), jnp.float32)}
+  grads = {'w': jnp.ones((), jnp.float32)}
+
+  def step(opt_state, _):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return opt_state, -updates['w']
+  _, lrs = jax.lax.scan(step, tx.init(params), None, length=num_steps)
+  return np.asarray(lrs, np.float64)
+
+
+def test_learning_rate_is_a_staircase_x08_every_transition():
+  lrs = applied_learning_rates(base.create_optimizer(1e-4, 0.8, 30), 66)
+  expected = np.array([1e-4] * 30 + [0.8e-4] * 30 + [0.64e-4] * 6)  # by hand: 1e-4 x 0.8^(step // 30)
+  np.testing.assert_allclose(lrs, expected, rtol=1e-4)  # float32 moments: ~1e-5
   with pytest.raises(ValueError, match='learning_rate'):
     base.create_optimizer(-1.0, 0.8, 30)

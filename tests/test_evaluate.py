@@ -1,0 +1,92 @@
+"""Evaluation: an anomaly-score threshold is fitted on the labeled images and never sees a test mask; the
+test-fitted one is reported only as the oracle; eval.json is strict JSON."""
+
+import numpy as np
+import pytest
+
+from configs import synthetic
+from semiseg import curves, evaluate, sharding
+from semiseg.data import pipeline
+from semiseg.methods import base
+from tests import test_fileio
+
+SIZE = 16
+
+
+def brightness(state, images_BxHxWx3):
+  """An anomaly score map that needs no training: the pixel's mean brightness, in [0, 1]."""
+  del state
+  return images_BxHxWx3.mean(axis=-1)
+
+
+METHOD = base.Method(name='brightness', streams=('unlabeled',), init=lambda key: None, score_map=brightness,
+                     score_kind='anomaly')
+
+
+def split(images, masks, types) -> pipeline.Split:
+  return pipeline.Split(images=images, masks=masks[..., None].astype(np.uint8), defect_types=list(types),
+                        filenames=[f'{t}/{i:03d}.png' for i, t in enumerate(types)])
+
+
+def images_with_spots(rng, n, levels):
+  """``n`` noisy grey images (~100) with one 4x4 spot per entry of ``levels`` (its grey value), and
+  each spot's mask per level."""
+  images = rng.integers(90, 110, (n, SIZE, SIZE, 3)).astype(np.uint8)
+  masks = {level: np.zeros((n, SIZE, SIZE), bool) for level in levels}
+  for i in range(n):
+    for k, level in enumerate(levels):
+      y, x = 2 + 6 * k, int(rng.integers(0, SIZE - 4))
+      images[i, y:y + 4, x:x + 4] = level
+      masks[level][i, y:y + 4, x:x + 4] = True
+  return images, masks
+
+
+def category(test_masks: np.ndarray, labeled, test_images) -> pipeline.CategoryData:
+  n = len(test_images)
+  types = ['scratch'] * n
+  empty = split(np.zeros((0, SIZE, SIZE, 3), np.uint8), np.zeros((0, SIZE, SIZE), bool), [])
+  return pipeline.CategoryData(unlabeled=empty, labeled=labeled, test=split(test_images, test_masks, types),
+                               manifest={}, texture=False, image_size=SIZE)
+
+
+@pytest.fixture(scope='module')
+def run():
+  rng = np.random.default_rng(0)
+  # Labeled images: a bright defect (200) and a faint non-defect spot (150). Test images: the same two
+  # spots, labeled two ways: only the bright one a defect, or both.
+  lab_images, lab = images_with_spots(rng, 3, (200, 150))
+  labeled = split(lab_images, lab[200], ['scratch'] * 3)
+  test_images, test = images_with_spots(rng, 6, (200, 150))
+  config = synthetic.get_config('washer,smoke')
+  assert config.threshold_rule == 'labeled'
+  mesh = sharding.create_mesh()
+  ctx = base.MethodContext(image_size=SIZE, texture=False, steps_per_epoch=1)
+
+  def evaluate_with(test_masks, workdir=None):
+    return evaluate.evaluate(METHOD, None, category(test_masks, labeled, test_images), ctx, mesh, config,
+                             workdir=workdir, time_it=False)
+  return evaluate_with, labeled, test, lab_images
+
+
+def test_the_threshold_never_sees_the_test_masks(run):
+  evaluate_with, labeled, test, lab_images = run
+  bright_only = evaluate_with(test[200])
+  both = evaluate_with(test[200] | test[150])
+  assert bright_only['threshold_rule'] == both['threshold_rule'] == 'labeled'
+  # Fitted on the labeled images alone, by the paper's rule, computed here without the evaluator.
+  expected = curves.fit_threshold(lab_images.mean(-1) / 255.0, labeled.masks[..., 0])
+  assert 150 / 255 < expected <= 200 / 255
+  assert bright_only['threshold'] == both['threshold'] == pytest.approx(expected, rel=1e-6)
+  # The oracle (fitted on the test masks) moves with them, and so do the test metrics.
+  assert bright_only['oracle']['threshold'] > 160 / 255 > both['oracle']['threshold'] > 110 / 255
+  assert bright_only['test']['defect_iou'] == pytest.approx(1.0)
+  assert both['test']['defect_iou'] == pytest.approx(0.5)
+
+
+def test_eval_json_is_strict_json_with_null_for_undefined_metrics(run, tmp_path):
+  evaluate_with, _, test, _ = run
+  out = evaluate_with(test[200], workdir=str(tmp_path))
+  assert np.isnan(out['per_defect_type']['scratch']['image_auroc'])  # every test image has a defect
+  saved = test_fileio.load_strict((tmp_path / 'eval.json').read_text())
+  assert saved['per_defect_type']['scratch']['image_auroc'] is None
+  assert saved['test']['defect_iou'] == pytest.approx(out['test']['defect_iou'])
