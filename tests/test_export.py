@@ -107,6 +107,7 @@ def test_artifacts_give_the_scores_of_predict(which, request):
     assert onnx_scores.shape == (5, s, s, 1)
     np.testing.assert_allclose(onnx_scores[..., 0], expected, rtol=0, atol=1e-4)
     assert meta['files'] == sorted([export.JAXEXPORT, export.META, export.ONNX]) and meta['onnx_error'] is None
+    assert meta['onnx_check']['max_abs_diff'] <= export.ATOL  # checked at export on two test images
 
 
 def readme_deploy_script(onnx: bool) -> str:
@@ -176,6 +177,23 @@ def test_onnx_is_one_file_with_large_parameters(tmp_path):
   x = np.random.default_rng(1).random((2, 32, 32, 3), dtype=np.float32)
   got = onnxruntime.InferenceSession(str(tmp_path / export.ONNX)).run(None, {export.INPUT_NAME: x})[0]
   np.testing.assert_allclose(got, x.reshape(2, -1) @ w, rtol=1e-4, atol=1e-3)
+
+
+@needs_onnx
+def test_a_conversion_that_disagrees_with_jax_is_not_written(tmp_path, monkeypatch):
+  """jax2onnx's Flax rules first; scores off by more than ATOL on the check images: the traced program;
+  both off: an error, and no model.onnx."""
+  fn = lambda images: images[..., :1] * 2
+  x = np.ones((1, 8, 8, 3), np.float32)
+  diffs = iter([1.0, 0.0])
+  monkeypatch.setattr(export, '_onnx_max_diff', lambda data, fn, images: next(diffs))
+  assert export.export_onnx(fn, 8, str(tmp_path / export.ONNX), 'twice', check_images=x) == {
+      'conversion': 'lax', 'max_abs_diff': 0.0}
+  os.remove(tmp_path / export.ONNX)
+  monkeypatch.setattr(export, '_onnx_max_diff', lambda data, fn, images: float('nan'))
+  with pytest.raises(export.OnnxExportError, match="away from jax's"):
+    export.export_onnx(fn, 8, str(tmp_path / export.ONNX), 'twice', check_images=x)
+  assert os.listdir(tmp_path) == []
 
 
 def test_failed_onnx_still_writes_the_rest(pca_texture, tmp_path, monkeypatch):
