@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from semiseg import augment, curves, fileio, metrics, sharding
+from semiseg import augment, curves, fileio, metrics, sharding, tensorboard
 from semiseg.methods import base
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,7 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
         f'batch_{scorer.batch_size}': scorer.time_per_image(data.test.images, scorer.batch_size),
         'device': str(jax.devices()[0].platform)}
   if workdir is not None and jax.process_index() == 0:
+    tensorboard.write_evaluation(workdir, out, data.test, test_scores, int(jax.device_get(state.step)))
     fileio.write_json_atomic(os.path.join(workdir, 'eval.json'), out)
   return out
 

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from semiseg import checkpoint, fileio, monitor, restore, sharding
+from semiseg import checkpoint, fileio, monitor, restore, sharding, tensorboard
 from semiseg.data import categories, pipeline
 from semiseg.methods import base, prerequisites
 
@@ -235,3 +235,4 @@ def _flush(pending, config, metrics_path, is_main, bar, t_last, n_last, images_p
       record = {'step': step, **values, 'images_per_s': rate, 'time': time.time()}
       with open(metrics_path, 'a') as f:
         f.write(fileio.to_json(record) + '\n')  # strict JSON: NaN (e.g. no rate yet) as null
+      tensorboard.write_scalars(os.path.dirname(metrics_path), record)  # <workdir>/tb, if tensorboardX
