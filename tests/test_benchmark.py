@@ -1,7 +1,11 @@
 """Smoke test of the benchmark's plumbing on tiny shapes: records, table, JSON; no timed assertions."""
 
+import collections
 import json
 import os
+import re
+import subprocess
+import sys
 import time
 
 import jax
@@ -9,7 +13,9 @@ import numpy as np
 import pytest
 
 import semiseg
-from semiseg.bench import suite
+from semiseg.bench import layers, networks, suite
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
@@ -29,27 +35,111 @@ def test_project_xla_flags_are_in_the_environment():
     assert flag.split('=', 1)[0] in os.environ.get('XLA_FLAGS', '')
 
 
-def test_train_infer_input_augment_records(setting, tmp_path):
+def _child_env() -> dict[str, str]:
+  env = dict(os.environ)
+  env.update(JAX_COMPILATION_CACHE_DIR=os.environ['SEMISEG_TEST_JAX_CACHE'],  # the tests' compilation cache
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return env
+
+
+def test_gpu_command_on_tiny_shapes(tmp_path):
+  """The GPU check, at the smoke shapes on this CPU: GEMM peaks per precision; train steps of the three
+  methods and AE + U-Net inference at batch 1 and 16, fp32 and bf16, each beside the PyTorch variants of
+  its precision; analytic GFLOP/s against the peak of the row's precision; JSON and traces written."""
+  out, trace = tmp_path / 'gpu.json', tmp_path / 'trace'
+  cmd = [sys.executable, '-m', 'experiments.benchmark', '--what=gpu', '--shapes=smoke', f'--out={out}',
+         f'--trace={trace}', '--repeats=1', '--min_sample_s=0', '--gemm_n=64', '--torch_variants=fp32,bf16_cl']
+  proc = subprocess.run(cmd, cwd=ROOT, env=_child_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())
+  by_workload = collections.defaultdict(list)
+  for row in rows:
+    by_workload[row['workload']].append(row)
+  assert [r['precision'] for r in rows if r['workload'].startswith('gemm')] == ['fp32', 'bf16']
+  peaks = {r['precision']: r['peak_gflop_per_s'] for r in rows if r['workload'].startswith('gemm')}
+  assert all(p > 0 for p in peaks.values())
+  torch_installed = 'not installed' not in rows[0]['reference']
+  for workload in [f'train {m}' for m in networks.TRAIN_METHODS] + ['infer ae_unet b1', 'infer ae_unet b16']:
+    got = by_workload[workload]
+    assert sorted(r['precision'] for r in got) == ['bf16', 'fp32'], workload
+    for r in got:
+      assert r['semiseg_per_s'] > 0 and r['gflops_per_call'] > 0 and r['xla_gflops_per_call'] > 0
+      assert r['peak_precision'] == r['precision'] and r['peak_gflop_per_s'] == peaks[r['precision']]
+      per_call = 1 if workload.startswith('train') else r['batch_size']
+      assert r['semiseg_gflop_per_s'] == pytest.approx(r['gflops_per_call'] * r['semiseg_per_s'] / per_call)
+      expected = {'fp32': 'fp32 NCHW eager', 'bf16': 'bf16 autocast channels_last eager'}[r['precision']]
+      assert r['reference'].endswith(expected) if torch_installed else r['reference_per_s'] is None
+      assert r['ratio'] or not torch_installed
+    if workload.startswith('train'):  # the analytic count of the workload's network, not XLA's
+      assert got[0]['semiseg_images_per_s'] == pytest.approx(got[0]['semiseg_per_s'] * got[0]['batch_size'])
+      method, state = networks.abstract_method(setting_config(), workload.split()[1])
+      count = networks.workload_flops(method, state, got[0]['batch_size'], 32).train()
+      assert got[0]['gflops_per_call'] == pytest.approx(count / 1e9)
+      for suffix in ('', '_bf16'):  # one profiled step each
+        assert list(trace.glob(f'smoke_{workload.split()[1]}{suffix}/**/*.trace.json.gz')), workload
+  assert '| train ae_unet | bf16 |' in proc.stdout
+
+
+def setting_config():
+  from configs import synthetic
+  return synthetic.get_config('washer,smoke')
+
+
+def test_a_failing_torch_compile_is_recorded_and_the_rest_measured(setting, monkeypatch):
   torch = suite.Torch()
-  records = suite.bench_train(setting, torch, peak=1.0, trace_dir=str(tmp_path))
-  for name in suite.TRAIN_METHODS:  # one profiled step each
-    assert list((tmp_path / f'smoke_{name}').rglob('*.trace.json.gz')), name
-  records += suite.bench_infer(setting, torch, peak=1.0, batch_sizes=(2,))
-  records += suite.bench_input(setting, records[1].semiseg_per_s, steps=2)
-  records += suite.bench_augment(batch_size=2, image_size=16, repeats=1)
-  assert [r.workload for r in records] == ['train ae', 'train unet', 'train ae_unet', 'infer ae_unet b2',
-                                           'input', 'augment']
-  for r in records:
-    assert r.reference_per_s is None or r.reference_per_s > 0
-    if r.workload != 'input':
-      assert r.semiseg_per_s > 0
-    if torch.module is not None or not r.workload.startswith(('train', 'infer')):
-      assert r.ratio is not None
-  assert all(r.compile_s > 0 and r.gflops_per_call > 0 for r in records[:3])
+  if torch.module is None:
+    pytest.skip('PyTorch not installed')
+
+  def no_compiler(module, *args, **kwargs):
+    raise RuntimeError('InductorError: no working C++ compiler')
+  monkeypatch.setattr(torch.module, 'compile', no_compiler)
+  records = networks.bench_infer(setting, torch, {'fp32': 1.0}, batch_sizes=(1,), precisions=('fp32',),
+                              variants=('fp32', 'fp32_cl_compile'))
+  assert [r.reference.split(' cpu ')[-1] for r in records] == ['fp32 NCHW eager', 'fp32 channels_last compiled']
+  plain, compiled = records
+  assert plain.ratio > 0 and compiled.semiseg_per_s > 0 and compiled.reference_per_s is None
+  assert 'RuntimeError: InductorError: no working C++ compiler' in compiled.note
+
+
+def test_input_augment_records_and_table(setting):
+  records = suite.bench_input(setting, 10.0, steps=2) + suite.bench_augment(batch_size=2, image_size=16, repeats=1)
+  assert [r.workload for r in records] == ['input', 'augment']
+  assert all(r.semiseg_per_s > 0 and r.ratio > 0 for r in records)
   table = suite.markdown(records)
-  assert table.count('\n') == len(records) + 1 and '| train unet |' in table
+  assert table.count('\n') == len(records) + 1 and '| augment | fp32 |' in table
+  # 11 cells on every line: the '|' in the augment note is escaped.
+  assert all(len(re.split(r'(?<!\\)\|', line)) == 13 for line in table.splitlines())
   rows = json.loads(json.dumps([r.to_dict() for r in records]))
   assert {'workload', 'semiseg_per_s', 'reference_per_s', 'ratio', 'unit', 'device', 'shapes'} <= set(rows[0])
+
+
+def test_stages_keep_what_was_measured(tmp_path):
+  """A stage that fails or runs out of time leaves a row saying so; the JSON holds every row so far."""
+  from semiseg.bench import timing
+  out = tmp_path / 'b.json'
+  stages = suite.Stages(str(out), stage_limit_s=0.5, time_limit_s=None)
+  row = suite.Record('one', 1.0, 2.0, 'steps/s', 'cpu', '')
+  stages.run('first', lambda: [row])
+  assert [r['workload'] for r in json.loads(out.read_text())] == ['one']
+  start = time.monotonic()
+
+  def slow():
+    while True:
+      timing.alternating_medians({'a': lambda: time.sleep(0.01)}, repeats=1000, min_sample_s=0.01)
+  assert stages.run('slow', slow) is None and time.monotonic() - start < 5
+  stages.run('broken', lambda: 1 / 0)
+  rows = json.loads(out.read_text())
+  assert [r['workload'] for r in rows] == ['one', 'slow (stage)', 'broken (stage)']
+  assert 'stopped after its 0 s limit' in rows[1]['note'] and 'ZeroDivisionError' in rows[2]['note']
+  assert stages.failed == ['slow', 'broken']
+
+
+def test_alternating_medians_stops_before_a_time_limit():
+  from semiseg.bench import timing
+  start = time.monotonic()
+  with timing.time_limit(1.0, 'stage'):
+    t = timing.alternating_medians({'a': lambda: time.sleep(0.05)}, repeats=1000, min_sample_s=0.05)
+  assert 0.05 <= t['a'] < 0.5 and time.monotonic() - start < 1.0
 
 
 def test_scipy_reference_does_the_same_warp():
@@ -96,18 +186,18 @@ def _numpy_conv3x3_grads(x, k, dy):
 
 def test_conv_ops_compute_the_convolution_and_its_gradients():
   shape = (2, 6, 5, 3, 4)
-  inputs = suite.conv_inputs(shape, seed=1)
+  inputs = layers.conv_inputs(shape, seed=1)
   x, k, dy = inputs['x'], inputs['kernel'], inputs['dy']
   dx, dk = _numpy_conv3x3_grads(x, k, dy)
   expected = {'fwd': _numpy_conv3x3(x, k), 'dx': dx, 'dw': dk}
-  ours = suite.jax_conv_ops(inputs)
-  for op in suite.CONV_OPS:
+  ours = layers.jax_conv_ops(inputs)
+  for op in layers.CONV_OPS:
     np.testing.assert_allclose(np.asarray(ours[op]()), expected[op], rtol=1e-4, atol=1e-4, err_msg=op)
   torch = suite.Torch()
   if torch.module is not None:  # the reference kernels compute the same three things
-    ref = suite.torch_conv_ops(torch, inputs)
-    for op in suite.CONV_OPS:
-      np.testing.assert_allclose(suite.torch_result_as_jax_layout(op, ref[op]()), expected[op],
+    ref = layers.torch_conv_ops(torch, inputs)
+    for op in layers.CONV_OPS:
+      np.testing.assert_allclose(layers.torch_result_as_jax_layout(op, ref[op]()), expected[op],
                                  rtol=1e-4, atol=1e-4, err_msg=f'torch {op}')
 
 
@@ -116,7 +206,7 @@ def test_unet_conv_shapes_are_the_unets_3x3_kernels(setting):
   import jax.numpy as jnp
   from semiseg.models.unet import UNet
   m, c = setting.config.model, setting.config
-  shapes = suite.unet_conv_shapes(c)
+  shapes = layers.unet_conv_shapes(c)
   params = jax.eval_shape(UNet(features=m.unet_features, depth=m.unet_depth).init, jax.random.PRNGKey(0),
                           jnp.zeros((1, c.data.image_size, c.data.image_size, 6)))
   kernels = collections.Counter(tuple(leaf.shape[2:]) for leaf in jax.tree.leaves(params)
@@ -129,17 +219,18 @@ def test_unet_conv_shapes_are_the_unets_3x3_kernels(setting):
 
 
 def test_layer_records(setting):
-  records = suite.bench_layers(setting, suite.Torch(), peak=1.0)
-  shapes = suite.unet_conv_shapes(setting.config)
+  records = layers.bench_layers(setting, suite.Torch(), {'fp32': 1.0})
+  shapes = layers.unet_conv_shapes(setting.config)
   assert len(records) == 3 * len(shapes) + 3
   per_layer, sums = records[:-3], {r.workload.split()[-1]: r for r in records[-3:]}
-  assert set(sums) == set(suite.CONV_OPS)
-  for op in suite.CONV_OPS:
+  assert set(sums) == set(layers.CONV_OPS)
+  for op in layers.CONV_OPS:
     rows = [r for r in per_layer if r.workload.split()[1] == op]
     assert len(rows) == len(shapes) and all(r.semiseg_per_s > 0 for r in rows)
     seconds = sum(n / r.semiseg_per_s for r, n in zip(rows, shapes.values()))
     assert sums[op].semiseg_per_s == pytest.approx(1 / seconds)
-    flops = sum(n * 2 * b * h * w * ci * co * 9 for (b, h, w, ci, co), n in shapes.items())
+    # 2 FLOPs per multiply-add over the taps that read an input: 3n - 2 per dimension of n ('SAME' padding).
+    flops = sum(n * 2 * b * (3 * h - 2) * (3 * w - 2) * ci * co for (b, h, w, ci, co), n in shapes.items())
     assert sums[op].gflops_per_call == pytest.approx(flops / 1e9)
 
 

@@ -3,6 +3,8 @@
 Same layers, widths, paddings and parameter counts as ``semiseg.models`` (the U-Net has 31,033,473
 parameters at 6 -> 1 channels, 64 features, depth 4), with ``nn.ConvTranspose2d`` for the up-convs,
 ``nn.MaxPool2d`` for pooling and ``torch.optim.Adam``; only for timing, never imported by the library.
+``TrainSteps`` runs the same networks and optimizer as the plain fp32 NCHW eager path, or with
+channels_last, bf16 autocast and ``torch.compile``, which users who care about speed run.
 """
 
 from __future__ import annotations
@@ -79,51 +81,93 @@ def count_params(module: nn.Module) -> int:
 
 
 class TrainSteps:
-  """Adam train steps and inference of the three workloads on one set of shapes (NCHW tensors)."""
+  """Adam train steps and inference of the three workloads on one set of shapes (NCHW tensors).
+
+  ``channels_last``: networks and inputs in that memory format; ``bf16``: forward passes under bf16
+  autocast (parameters, loss and Adam state stay float32, as semiseg's ``config.model.dtype='bfloat16'``);
+  ``compile``: the networks through ``torch.compile`` (default mode; it compiles on the first call);
+  ``cudnn_benchmark``: cuDNN picks its fastest convolution algorithms for these shapes (GPU; PyTorch's
+  default is off). A network is built on first use, so an instance holds only the networks it runs.
+  """
 
   def __init__(self, *, image_size: int, batch_size: int, unet_features: int, unet_depth: int,
-               ae_features: Sequence[int], latent_dim: int, device: str = 'cpu', seed: int = 0):
-    torch.manual_seed(seed)
-    self.device = device
-    s, b = image_size, batch_size
-    self.ae = ConvAutoencoder(ae_features, latent_dim, s).to(device)
-    self.unet = UNet(3, unet_features, unet_depth).to(device)
-    self.ae_unet = UNet(6, unet_features, unet_depth).to(device)
-    self.frozen_ae = ConvAutoencoder(ae_features, latent_dim, s).to(device).eval().requires_grad_(False)
-    self.opts = {name: torch.optim.Adam(getattr(self, name).parameters(), lr=1e-4)
-                 for name in ('ae', 'unet', 'ae_unet')}
+               ae_features: Sequence[int], latent_dim: int, device: str = 'cpu', channels_last: bool = False,
+               bf16: bool = False, compile: bool = False, cudnn_benchmark: bool = False,  # noqa: A002
+               seed: int = 0):
+    self.device, self.seed = device, seed
+    self.channels_last, self.bf16, self.compile = channels_last, bf16, compile
+    self.cudnn_benchmark = cudnn_benchmark
+    s = image_size
+    self._build = {'ae': lambda: ConvAutoencoder(ae_features, latent_dim, s),
+                   'frozen_ae': lambda: ConvAutoencoder(ae_features, latent_dim, s).eval().requires_grad_(False),
+                   'unet': lambda: UNet(3, unet_features, unet_depth),
+                   'ae_unet': lambda: UNet(6, unet_features, unet_depth)}
+    self._nets: dict[str, nn.Module] = {}
+    self.opts: dict[str, torch.optim.Optimizer] = {}
     g = torch.Generator().manual_seed(seed)
-    self.images = torch.rand(b, 3, s, s, generator=g).to(device)
-    self.masks = (torch.rand(b, 1, s, s, generator=g) > 0.9).float().to(device)
+    self.images = self.as_input(torch.rand(batch_size, 3, s, s, generator=g))
+    self.masks = self.as_input((torch.rand(batch_size, 1, s, s, generator=g) > 0.9).float())
+
+  def as_input(self, x: torch.Tensor) -> torch.Tensor:
+    x = x.to(self.device)
+    return x.to(memory_format=torch.channels_last) if self.channels_last else x
+
+  def net(self, name: str) -> nn.Module:
+    """The network ``name`` (ae, frozen_ae, unet, ae_unet) as it runs (compiled: the wrapper)."""
+    if name not in self._nets:
+      torch.manual_seed(self.seed)
+      module = self._build[name]().to(self.device)
+      if self.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+      if name != 'frozen_ae':
+        self.opts[name] = torch.optim.Adam(module.parameters(), lr=1e-4)
+      self._nets[name] = torch.compile(module) if self.compile else module
+    return self._nets[name]
+
+  def autocast(self):
+    """bf16 autocast of forward passes (PyTorch's advice: not around the backward pass)."""
+    return torch.autocast(device_type=self.device.split(':')[0], dtype=torch.bfloat16, enabled=self.bf16)
+
+  def cudnn(self):
+    """The cuDNN benchmark setting, a global flag: set around every call, backward included."""
+    c = torch.backends.cudnn
+    return c.flags(enabled=c.enabled, benchmark=self.cudnn_benchmark, deterministic=c.deterministic,
+                   allow_tf32=c.allow_tf32)
 
   def sync(self) -> None:
     if self.device.startswith('cuda'):
       torch.cuda.synchronize()
 
-  def _step(self, name: str, loss_fn) -> float:
+  def _step(self, name: str, loss_fn) -> torch.Tensor:
+    net = self.net(name)
     opt = self.opts[name]
-    opt.zero_grad(set_to_none=True)
-    loss = loss_fn()
-    loss.backward()
-    opt.step()
+    with self.cudnn():
+      opt.zero_grad(set_to_none=True)
+      with self.autocast():
+        loss = loss_fn(net)
+      loss.backward()
+      opt.step()
     return loss
 
   def ae_step(self):
-    return self._step('ae', lambda: nn.functional.mse_loss(self.ae(self.images), self.images))
+    return self._step('ae', lambda ae: nn.functional.mse_loss(ae(self.images).float(), self.images))
 
   def unet_step(self):
-    return self._step('unet', lambda: nn.functional.binary_cross_entropy_with_logits(
-        self.unet(self.images), self.masks))
+    return self._step('unet', lambda unet: nn.functional.binary_cross_entropy_with_logits(
+        unet(self.images).float(), self.masks))
 
   def ae_unet_step(self):
-    def loss():
+    frozen_ae = self.net('frozen_ae')
+
+    def loss(unet):
       with torch.no_grad():  # the frozen AE's difference image is part of the step
-        diff = (self.images - self.frozen_ae(self.images)).abs()
-      logits = self.ae_unet(torch.cat([self.images, diff], dim=1))
-      return nn.functional.binary_cross_entropy_with_logits(logits, self.masks)
+        diff = (self.images - frozen_ae(self.images)).abs()
+      logits = unet(torch.cat([self.images, diff.to(self.images.dtype)], dim=1))
+      return nn.functional.binary_cross_entropy_with_logits(logits.float(), self.masks)
     return self._step('ae_unet', loss)
 
   @torch.inference_mode()
   def ae_unet_predict(self, images: torch.Tensor) -> torch.Tensor:
-    diff = (images - self.frozen_ae(images)).abs()
-    return torch.sigmoid(self.ae_unet(torch.cat([images, diff], dim=1)))
+    with self.cudnn(), self.autocast():
+      diff = (images - self.net('frozen_ae')(images)).abs()
+      return torch.sigmoid(self.net('ae_unet')(torch.cat([images, diff.to(images.dtype)], dim=1)).float())
