@@ -176,7 +176,8 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
         f'batch_{scorer.batch_size}': scorer.time_per_image(data.test.images, scorer.batch_size),
         'device': str(jax.devices()[0].platform)}
   if workdir is not None and jax.process_index() == 0:
-    tensorboard.write_evaluation(workdir, out, data.test, test_scores, int(jax.device_get(state.step)))
+    step = int(jax.device_get(state.step)) if state is not None else 0  # a stateless scorer: step 0
+    tensorboard.write_evaluation(workdir, out, data.test, test_scores, step)
     fileio.write_json_atomic(os.path.join(workdir, 'eval.json'), out)
   return out
 

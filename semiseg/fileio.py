@@ -108,11 +108,17 @@ def run_info(config) -> dict:
       versions[name] = getattr(module, '__version__', 'unknown')
     except ImportError:
       versions[name] = None
-  try:
-    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-  except (OSError, subprocess.SubprocessError):
-    commit = None
+  # The checkout the package comes from (an editable install), else the one the run started in (a wheel
+  # installed from it: site-packages is no git tree).
+  commit = None
+  for folder in (os.path.dirname(os.path.abspath(__file__)), os.getcwd()):
+    try:
+      commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
+                              cwd=folder).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+      commit = None
+    if commit:
+      break
   return {
       'config': json.loads(config.to_json_best_effort()),
       'versions': versions, 'python': sys.version.split()[0], 'platform': platform.platform(),

@@ -185,7 +185,8 @@ def test_semi_supervised_step_advances_and_is_finite(method):
   m, state, step = make(method)
   new, metrics = step(state, fixed_batch())
   assert int(new.step) == 1
-  assert set(metrics) == {'loss', 'ce', 'consistency', 'consistency_weight'}
+  extra = {'ema_decay'} if method == 'mean_teacher' else set()
+  assert set(metrics) == {'loss', 'ce', 'consistency', 'consistency_weight'} | extra
   assert all(np.isfinite(float(v)) for v in metrics.values())
   c = tiny_config(method).consistency
   np.testing.assert_allclose(float(metrics['consistency_weight']), c.weight * np.exp(-5.0), rtol=1e-5)
@@ -217,11 +218,15 @@ def test_rampup_is_the_sigmoid_schedule():
 
 def test_mean_teacher_is_the_ema_of_the_student():
   m, state, step = make('mean_teacher')
-  d = tiny_config('mean_teacher').consistency.ema_decay
+  ema_decay = tiny_config('mean_teacher').consistency.ema_decay
   expected = jax.tree.map(np.asarray, state.params)  # the teacher starts as a copy of the student
   np.testing.assert_array_equal(jax.tree.leaves(state.extras['teacher'])[0], jax.tree.leaves(expected)[0])
-  for seed in range(3):
-    state, _ = step(state, fixed_batch(seed))
+  # The reference code's warm-up, by hand: after the k-th update (k = 1, 2, ...) the decay is
+  # min(1 - 1/(k + 1), ema_decay): 0.5, 0.667, 0.75, ... until it reaches ema_decay.
+  for k, seed in enumerate(range(3), start=1):
+    state, metrics = step(state, fixed_batch(seed))
+    d = min(1.0 - 1.0 / (k + 1), ema_decay)
+    np.testing.assert_allclose(float(metrics['ema_decay']), d, rtol=1e-6)
     expected = jax.tree.map(lambda t, s: d * t + (1 - d) * np.asarray(s), expected, state.params)
   for got, want in zip(jax.tree.leaves(state.extras['teacher']), jax.tree.leaves(expected)):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
