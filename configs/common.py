@@ -116,6 +116,9 @@ def get_base_config() -> config_dict.ConfigDict:
   # bottom resolution (a spatial code, which can learn textures).
   c.model.ae_bottleneck = 'dense'
   c.model.ae_activation = 'leaky_relu'  # 'leaky_relu' (slope 0.2) | 'relu' | 'elu'
+  # 'none': the paper's AE on the image; 'image': on the image standardized per image and channel, its
+  # linear head's output mapped back (semiseg/models/autoencoder.py).
+  c.model.ae_normalize = 'none'
   c.model.diff_blur = 0.0  # sigma (px) of a Gaussian blur of D = |I - AE(I)|, as score and U-Net input
   c.model.unet_features = 64
   c.model.unet_depth = 4
@@ -154,6 +157,7 @@ def get_base_config() -> config_dict.ConfigDict:
   c.pca.max_components = 256  # size of the stored basis (fixed before the fit, for checkpoints)
 
   c.anogan = config_dict.ConfigDict()  # Schlegl et al. 2017 on a DCGAN
+  c.anogan.num_train_steps = config_dict.placeholder(int)  # unset: the run's (config.num_train_steps / epochs)
   c.anogan.latent_dim = 100
   c.anogan.features = (32, 64, 128, 256, 256)  # D widths per stride-2 level; G mirrors them
   c.anogan.learning_rate = 2e-4  # Adam, both players (DCGAN's settings)

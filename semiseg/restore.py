@@ -38,10 +38,18 @@ def schedule(config, num_unlabeled: int) -> tuple[int, int]:
   An epoch is one pass's worth of the category's unlabeled training images at ``batch_size``, for
   every method: with 2-9 labeled images a pass over the labeled set would be a single step, and the
   paper's "decay every 30 epochs" would then decay every 30 steps. So all methods of a category train
-  for the same number of steps and decay on the same schedule.
+  for the same number of steps and decay on the same schedule, unless the method's own config group
+  sets ``num_train_steps`` (``config.anogan.num_train_steps``: a GAN needs longer than a U-Net).
   """
   steps_per_epoch = config.steps_per_epoch or max(1, math.ceil(num_unlabeled / config.batch_size))
-  total = config.num_train_steps if config.num_train_steps is not None else config.num_epochs * steps_per_epoch
+  group = config.get(config.method)
+  own = group.get('num_train_steps') if hasattr(group, 'get') else None
+  if own is not None:
+    total = own
+  elif config.num_train_steps is not None:
+    total = config.num_train_steps
+  else:
+    total = config.num_epochs * steps_per_epoch
   if steps_per_epoch <= 0:
     raise ValueError(f'config.steps_per_epoch must be positive, got {steps_per_epoch}.')
   if total < 0:

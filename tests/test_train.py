@@ -133,3 +133,17 @@ def test_the_applied_learning_rate_decays_x08_every_30_epochs_of_unlabeled_image
   k = np.arange(total) // (30 * steps_per_epoch)  # decays after 30, 60 and 90 epochs
   np.testing.assert_allclose(lrs, 1e-4 * 0.8 ** k, rtol=1e-4)
   assert set(k) == {0, 1, 2, 3}
+
+
+def test_a_methods_own_num_train_steps_overrides_the_runs():
+  """config.anogan.num_train_steps sets AnoGAN's length alone; other methods keep the run's steps,
+  and all of them keep the run's epoch (the decay schedule's unit)."""
+  c = synthetic.get_config('washer,smoke,method=anogan,num_train_steps=7')
+  assert restore.schedule(c, num_unlabeled=20) == (5, 7)  # 20 images / batch 4
+  c.anogan.num_train_steps = 30
+  assert restore.schedule(c, num_unlabeled=20) == (5, 30)
+  c.method = 'unet'
+  assert restore.schedule(c, num_unlabeled=20) == (5, 7)
+  c.num_train_steps = None
+  c.num_epochs = 3
+  assert restore.schedule(c, num_unlabeled=20) == (5, 15)
