@@ -109,7 +109,7 @@ def validate(config) -> None:
 def create_model(config) -> ConvAutoencoder:
   return ConvAutoencoder(features=tuple(config.model.ae_features), latent_dim=config.model.latent_dim,
                          dtype=base.compute_dtype(config.model.dtype), activation=config.model.ae_activation,
-                         bottleneck=config.model.ae_bottleneck)
+                         bottleneck=config.model.ae_bottleneck, normalize=config.model.ae_normalize)
 
 
 def ae_augment_spec(config, ctx: base.MethodContext) -> augment.AugmentSpec:

@@ -49,6 +49,8 @@ class UpConv4x4(nn.Module):
 
 ACTIVATIONS = {'leaky_relu': lambda x: nn.leaky_relu(x, 0.2), 'relu': nn.relu, 'elu': nn.elu}
 BOTTLENECKS = ('dense', 'conv')
+NORMALIZE = ('none', 'image')
+NORMALIZE_EPS = 0.02  # added to the per-image std: a flat image is not blown up to noise
 
 
 class ConvAutoencoder(nn.Module):
@@ -59,6 +61,12 @@ class ConvAutoencoder(nn.Module):
   (``bottleneck='dense'``, the paper's Figure 3) or ``latent_dim`` channels at the bottom resolution
   (``'conv'``, a 1x1 convolution: a spatial code). The decoder mirrors the encoder with 4x4 stride-2
   transposed convolutions (``UpConv4x4``), and a final 3x3 convolution + sigmoid gives the reconstruction.
+
+  ``normalize='image'``: the network sees each image standardized per channel, (x - mean) / (std + 0.02),
+  and its linear head predicts the standardized image, mapped back as mean + (std + 0.02) * z (no
+  sigmoid, not clipped). The code then has to hold the image's structure only, not its colour and
+  contrast: a constant reconstruction is no longer the mean colour of the training set but the image's
+  own mean, which the loss cannot settle on (measured on the embedded textures in the README).
   """
   features: Sequence[int] = (32, 64, 128, 256, 256)
   latent_dim: int = 500
@@ -66,12 +74,15 @@ class ConvAutoencoder(nn.Module):
   dtype: Any = jnp.float32
   activation: str = 'leaky_relu'
   bottleneck: str = 'dense'
+  normalize: str = 'none'
 
   def setup(self):
     if self.activation not in ACTIVATIONS:
       raise ValueError(f'config.model.ae_activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}.')
     if self.bottleneck not in BOTTLENECKS:
       raise ValueError(f'config.model.ae_bottleneck must be one of {BOTTLENECKS}, got {self.bottleneck!r}.')
+    if self.normalize not in NORMALIZE:
+      raise ValueError(f'config.model.ae_normalize must be one of {NORMALIZE}, got {self.normalize!r}.')
     self.act = ACTIVATIONS[self.activation]
     self.down = [(nn.Conv(f, (4, 4), strides=(2, 2), padding='SAME', dtype=self.dtype),
                   nn.Conv(f, (3, 3), padding='SAME', dtype=self.dtype)) for f in self.features]
@@ -100,7 +111,8 @@ class ConvAutoencoder(nn.Module):
       x = self.act(conv(x))
     return self.to_latent(x if self.bottleneck == 'conv' else x.reshape(x.shape[0], -1))
 
-  def decode(self, z: jnp.ndarray, hw: tuple[int, int]) -> jnp.ndarray:
+  def decode(self, z: jnp.ndarray, hw: tuple[int, int], raw: bool = False) -> jnp.ndarray:
+    """The reconstruction in [0, 1] (sigmoid), or with ``raw`` the head's linear output."""
     bh, bw, bc = self._bottom_shape(*hw)
     if self.bottleneck == 'conv':
       x = self.act(self.from_latent_conv(z))
@@ -109,13 +121,20 @@ class ConvAutoencoder(nn.Module):
     for upconv, conv in self.up:
       x = self.act(upconv(x))
       x = self.act(conv(x))
-    return jax.nn.sigmoid(self.head(x).astype(jnp.float32))
+    out = self.head(x).astype(jnp.float32)
+    return out if raw else jax.nn.sigmoid(out)
 
   @nn.compact
   def from_latent(self, z_BxD: jnp.ndarray, size: int) -> jnp.ndarray:
     return self.act(nn.Dense(size, dtype=self.dtype, name='from_latent_dense')(z_BxD))
 
   def __call__(self, x_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
-    """Reconstruction of ``x`` (values in [0, 1]), same shape, float32."""
-    self._bottom_shape(*x_BxHxWxC.shape[1:3])
-    return self.decode(self.encode(x_BxHxWxC), x_BxHxWxC.shape[1:3])
+    """Reconstruction of ``x`` (values in [0, 1]; about so with ``normalize='image'``), same shape, float32."""
+    hw = x_BxHxWxC.shape[1:3]
+    self._bottom_shape(*hw)
+    if self.normalize == 'image':
+      x = x_BxHxWxC.astype(jnp.float32)
+      mean = x.mean(axis=(1, 2), keepdims=True)
+      scale = x.std(axis=(1, 2), keepdims=True) + NORMALIZE_EPS
+      return mean + scale * self.decode(self.encode((x - mean) / scale), hw, raw=True)
+    return self.decode(self.encode(x_BxHxWxC), hw)
