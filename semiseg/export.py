@@ -122,16 +122,19 @@ def _failed_primitive(error: BaseException) -> str | None:
 
 @contextlib.contextmanager
 def _quiet_converter():
-  """jax2onnx and onnx_ir log every plugin import and untyped constant: keep their warnings out."""
-  loggers = [logging.getLogger(n) for n in ('jax2onnx', 'onnx_ir')]
-  levels = [lg.level for lg in loggers]
-  for lg in loggers:
-    lg.setLevel(logging.ERROR)
+  """jax2onnx logs every plugin import, untyped constant and call (that one on the root logger, at info):
+  keep its chatter out of the run's log."""
+  names = [n for n in list(logging.root.manager.loggerDict) if n.split('.')[0] in ('jax2onnx', 'onnx_ir')]
+  quiet = [(logging.getLogger(n), logging.ERROR) for n in ['jax2onnx', 'onnx_ir'] + names]  # it sets its own
+  quiet.append((logging.root, max(logging.root.level, logging.WARNING)))
+  levels = [lg.level for lg, _ in quiet]
+  for lg, level in quiet:
+    lg.setLevel(level)
   try:
     with contextlib.redirect_stdout(sys.stderr):  # its plugins print debug lines
       yield
   finally:
-    for lg, level in zip(loggers, levels):
+    for (lg, _), level in zip(quiet, levels):
       lg.setLevel(level)
 
 
