@@ -4,17 +4,20 @@ Usage:
   pip install -e .[bench]   # PyTorch for the reference networks (optional: without it, n/a)
   python -m experiments.benchmark --out /tmp/bench.json
   python -m experiments.benchmark --what=train,infer --shapes=cpu --repeats=7
+  python -m experiments.benchmark --what=loop --out loop.json   # the loop against its bare step
   python -m experiments.benchmark --what=gpu --out gpu.json   # on a GPU: everything issue 15 asks
   python -m experiments.benchmark --what=gpu --shapes=smoke --out /tmp/g.json   # the same, tiny, on a CPU
 
-``--what``: train, infer, layers, augment, input, all (the five), or gpu. Every run first measures
+``--what``: train, infer, layers, augment, input, loop, all (the six), or gpu. Every run first measures
 GEMM peaks per precision (fp32 and bf16; on a GPU also TF32), and each GFLOP/s (from the analytic
 count of ``semiseg.bench.flops``) is set against the peak of the precision its math runs in. train and
 infer run each of ``--precisions`` beside each PyTorch variant of ``--torch_variants`` of that
 precision. Inference runs at the last of ``--shapes``; layers times the forward, input gradient and
 weight gradient of each distinct 3x3 convolution of the U-Net on its own, side by side with PyTorch's
-kernels, to attribute a step's time to layers.
-``gpu`` is train + infer (batch 1 and 16) at ``--shapes=paper`` (batch 16 on an accelerator), both
+kernels, to attribute a step's time to layers. loop (at the first of ``--shapes``) times
+``semiseg.train``'s loop over ``--loop_steps`` steps against the bare jitted step on the same batches
+(``ratio`` = loop / step; images/s).
+``gpu`` is train + infer (batch 1 and 16) + loop at ``--shapes=paper`` (batch 16 on an accelerator), both
 precisions, all PyTorch variants, with ``--stage_limit_s`` (150) per stage and ``--time_limit_s`` (540)
 in all, so that one run fits a 10-minute device call.
 ``--shapes``: cpu (configs/synthetic.py's default: 64 px, U-Net 16 features depth 3, AE (16, 32, 64,
@@ -48,7 +51,7 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.45')
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 FLAGS = flags.FLAGS
-WHAT = ('train', 'infer', 'layers', 'augment', 'input')
+WHAT = ('train', 'infer', 'layers', 'augment', 'input', 'loop')
 SHAPES = ('cpu', 'paper', 'smoke')
 flags.DEFINE_list('what', ['all'], f'Workloads: any of {WHAT}, all, or gpu (train + infer at the paper shapes, '
                   'with stage limits).')
@@ -64,6 +67,10 @@ flags.DEFINE_string('trace', None, 'Also write a jax.profiler trace of one step 
 flags.DEFINE_float('min_sample_s', 0.2, 'Each timed sample calls a workload back to back for at least '
                    'this long (steady state, as in a training loop); 0 times single calls.')
 flags.DEFINE_integer('repeats', 5, 'Timed repeats at the cpu shapes (median reported).')
+flags.DEFINE_integer('loop_steps', None, 'loop: train steps timed after the first, in the loop and bare; '
+                     'default config.ckpt.every_steps of the shapes (200 at cpu), so one checkpoint is saved in '
+                     'them, at the config\'s rate.')
+flags.DEFINE_string('loop_method', 'unet', 'loop: the method the loop trains.')
 flags.DEFINE_integer('paper_repeats', 3, 'Timed repeats at the paper shapes on a CPU (a step takes seconds).')
 flags.DEFINE_integer('gemm_n', None, 'GEMM peak size n (n x n x n); default 2048 on a CPU, 8192 elsewhere.')
 flags.DEFINE_float('stage_limit_s', None, 'Seconds per stage (peaks, one train method, one inference batch '
@@ -93,10 +100,10 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
   import jax
-  from semiseg.bench import layers, networks, suite, timing
+  from semiseg.bench import layers, loop, networks, suite, timing
   what = set(FLAGS.what)
   gpu = 'gpu' in what
-  what = (set(WHAT) if 'all' in what else what - {'gpu'}) | ({'train', 'infer'} if gpu else set())
+  what = (set(WHAT) if 'all' in what else what - {'gpu'}) | ({'train', 'infer', 'loop'} if gpu else set())
   if what - set(WHAT):
     raise app.UsageError(f'--what: unknown {sorted(what - set(WHAT))}; use {WHAT}, all or gpu.')
   precisions = tuple(FLAGS.precisions)
@@ -145,6 +152,9 @@ def main(argv):
       todo += [(f'infer b{b} {setting.name}', partial(infer, setting, b)) for b in (1, 16)]
     if 'layers' in what:
       todo.append((f'layers {setting.name}', partial(layers.bench_layers, setting, torch, peaks)))
+    if 'loop' in what and setting is all_settings[0]:  # the smallest shapes asked for
+      todo.append((f'loop {setting.name}', partial(loop.bench_loop, setting, FLAGS.loop_method, FLAGS.loop_steps,
+                                                   min(3, setting.repeats))))  # each loop run compiles
     if 'input' in what:
       todo.append((f'input {setting.name}',
                    lambda setting=setting: suite.bench_input(setting, unet_steps_per_s.get(setting.name))))

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -33,6 +35,21 @@ class TrainResult:
   mesh: Any
   num_train_steps: int
   resumed_from: int | None  # checkpoint step this run started from, None when from scratch
+  loop_timing: LoopTiming | None = None  # when this run ran train steps
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopTiming:
+  """Wall time of the loop's steps after its first (compiling) one, logs and checkpoints included
+  (``experiments.benchmark --what=loop`` sets it against the bare jitted step)."""
+  steps: int
+  seconds: float
+  images_per_step: int
+  compile_s: float
+
+  @property
+  def images_per_s(self) -> float:
+    return self.steps * self.images_per_step / self.seconds if self.seconds > 0 else float('nan')
 
 
 def _initial_state(method: base.Method, config, ckpt: checkpoint.Checkpointer, mesh):
@@ -49,12 +66,29 @@ def _initial_state(method: base.Method, config, ckpt: checkpoint.Checkpointer, m
   return state, None
 
 
-def _check_finite(metrics: dict, step: int) -> None:
-  bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
-  if bad:
-    raise FloatingPointError(f'Non-finite {", ".join(bad)} at step {step} '
-                             f'({", ".join(f"{k}={metrics[k]}" for k in bad)}); the last good checkpoint '
-                             'is kept. Lower config.optim.learning_rate or check the data.')
+def _check_finite(track: dict, step: int) -> None:
+  """Raises when a step up to ``step`` had a non-finite metric (``track`` from ``_tracked_step``, on the host)."""
+  bad_step = int(track['bad_step'])
+  if bad_step < 0:
+    return
+  metrics = {k: float(v) for k, v in track['bad_metrics'].items()}
+  bad = [k for k, v in metrics.items() if not np.isfinite(v)]
+  seen = '' if bad_step == step else f', seen at step {step}'
+  raise FloatingPointError(f'Non-finite {", ".join(bad)} at step {bad_step} '
+                           f'({", ".join(f"{k}={metrics[k]}" for k in bad)}){seen}; the last good checkpoint '
+                           'is kept. Lower config.optim.learning_rate or check the data.')
+
+
+def _tracked_step(train_step, state, batch, track):
+  """``train_step``, and ``track`` updated on the device: the first step with a non-finite metric and its
+  metrics (``bad_step`` -1: none yet). Metrics then reach the host only at log and checkpoint steps,
+  and the run still stops at the first of them after a non-finite loss."""
+  new_state, metrics = train_step(state, batch)
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))
+  first = (track['bad_step'] < 0) & ~finite
+  return new_state, metrics, {
+      'bad_step': jnp.where(first, new_state.step, track['bad_step']).astype(jnp.int32),
+      'bad_metrics': jax.tree.map(lambda old, new: jnp.where(first, new, old), track['bad_metrics'], metrics)}
 
 
 def _batches(method: base.Method, config, data, start_step: int, mesh):
@@ -135,8 +169,10 @@ def _train_locked(config, workdir, mesh, data, progress) -> TrainResult:
                        f'{total} training steps: it was trained longer than asked. Use another --workdir '
                        f'or set config.num_train_steps={step}.')
     best = _best_so_far(method, config, workdir)
+    loop_timing = None
     if step < total:
-      state = _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, progress, best)
+      state, loop_timing = _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, progress,
+                                 best)
     elif ckpt.latest_step() is None:  # zero steps asked for: still leave a checkpoint
       ckpt.save(step, state, restore.checkpoint_meta(config, step, total, True), force=True)
     ckpt.wait()
@@ -144,7 +180,7 @@ def _train_locked(config, workdir, mesh, data, progress) -> TrainResult:
       monitor.write_health(workdir, method.monitor, best)
     if best is not None and best.step is not None:  # the method's users get the selected checkpoint
       state = restore.restore_selected(method, config, workdir, mesh, state)
-    return TrainResult(method, state, data, ctx, mesh, total, resumed)
+    return TrainResult(method, state, data, ctx, mesh, total, resumed, loop_timing)
   finally:
     ckpt.close()
 
@@ -178,54 +214,75 @@ def _watch(watcher, best, best_ckpt, config, state, step, total) -> dict:
 
 
 def _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, progress, best):
+  """Runs steps ``step + 1 .. total`` and keeps the device busy: the host does not wait for a step
+  between log steps (metrics stay on the device, ``_tracked_step`` watches them for non-finite
+  values), the next batch goes to the device while the current step runs, and a checkpoint's digest
+  is reduced on the device (``checkpoint.device_digest``)."""
   state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), state)
-  jit_step = jax.jit(method.train_step, out_shardings=(state_sharding, sharding.replicated(mesh)),
-                     donate_argnums=0)
+  replicated = sharding.replicated(mesh)
+  jit_step = jax.jit(functools.partial(_tracked_step, method.train_step),
+                     out_shardings=(state_sharding, replicated, replicated), donate_argnums=0)
   is_main = jax.process_index() == 0
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   batches = _batches(method, config, data, step, mesh)
   images_per_step = sum(restore.stream_batch_sizes(config, method.streams).values())
   bar = tqdm(total=total, initial=step, desc=f'{config.method}', disable=not (progress and is_main),
              dynamic_ncols=True, leave=False, mininterval=2.0)
-  pending = None  # (step, metrics, monitor values): pulled one step late so dispatch stays asynchronous
+  # (step, metrics, monitor values, track) of a log step: pulled one step late so dispatch stays asynchronous
+  pending = None
   t_last, n_last = time.perf_counter(), step
-  compile_s = None
+  compile_s, t_first, first_step = None, None, step + 1
   watcher = (monitor.Monitor(method, ctx, mesh, data.labeled, float(config.threshold))
              if method.monitor is not None else None)
   best_ckpt = _best_checkpointer(config, workdir) if best is not None else None
+  batch = next(batches)
+  _, abstract_metrics = jax.eval_shape(method.train_step, state, batch)
+  checkpoint.compile_digest(state)  # now, not at the first save
+  track = jax.device_put({'bad_step': np.int32(-1),
+                          'bad_metrics': jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_metrics)},
+                         replicated)
   try:
     while step < total:
       t0 = time.perf_counter()
-      state, metrics = jit_step(state, next(batches))
+      state, metrics, track = jit_step(state, batch, track)
+      step += 1
+      if step < total:
+        batch = next(batches)  # its host-to-device copy overlaps the step just dispatched
       if compile_s is None:
         jax.block_until_ready(metrics)
-        compile_s = time.perf_counter() - t0
-      step += 1
+        t_first = time.perf_counter()
+        compile_s = t_first - t0
       if pending is not None:
         _flush(pending, config, metrics_path, is_main, bar, t_last, n_last, images_per_step)
-        if pending[0] % config.log_every_steps == 0:
-          t_last, n_last = time.perf_counter(), pending[0]
-      watched = (_watch(watcher, best, best_ckpt, config, state, step, total)
-                 if watcher is not None and (step % config.log_every_steps == 0 or step == total) else {})
-      pending = (step, metrics, watched)
-      if ckpt.should_save(step) or step == total:
-        _flush(pending, config, metrics_path, is_main, bar, t_last, n_last, images_per_step, force_log=True)
+        t_last, n_last = time.perf_counter(), pending[0]
         pending = None
+      log_step = step % config.log_every_steps == 0
+      watched = (_watch(watcher, best, best_ckpt, config, state, step, total)
+                 if watcher is not None and (log_step or step == total) else {})
+      if ckpt.should_save(step) or step == total:  # checked before it is saved: no non-finite checkpoint
+        _flush((step, metrics, watched, track), config, metrics_path, is_main, bar, t_last, n_last,
+               images_per_step, force_log=True)
         ckpt.save(step, state, restore.checkpoint_meta(config, step, total, step == total), force=True)
+      elif log_step:
+        pending = (step, metrics, watched, track)
       bar.update(1)
+    jax.block_until_ready(state)
+    t_end = time.perf_counter()
   finally:
     bar.close()
     if best_ckpt is not None:
       best_ckpt.close()
   if is_main:
     log.info('%s: %d steps done; first step (compile) %.1f s', config.method, total, compile_s or 0.0)
-  return state
+  return state, LoopTiming(steps=total - first_step, seconds=t_end - t_first, images_per_step=images_per_step,
+                           compile_s=compile_s)
 
 
 def _flush(pending, config, metrics_path, is_main, bar, t_last, n_last, images_per_step, force_log=False):
-  step, metrics, watched = pending
-  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  _check_finite(values, step)
+  step, metrics, watched, track = pending
+  values, track = jax.device_get((metrics, track))
+  _check_finite(track, step)
+  values = {k: float(v) for k, v in values.items()}
   values.update(watched)  # monitor values: NaN is a valid answer (e.g. no defect pixel), not a failure
   if step % config.log_every_steps == 0 or force_log:
     now = time.perf_counter()

@@ -48,7 +48,8 @@ def test_gpu_command_on_tiny_shapes(tmp_path):
   its precision; analytic GFLOP/s against the peak of the row's precision; JSON and traces written."""
   out, trace = tmp_path / 'gpu.json', tmp_path / 'trace'
   cmd = [sys.executable, '-m', 'experiments.benchmark', '--what=gpu', '--shapes=smoke', f'--out={out}',
-         f'--trace={trace}', '--repeats=1', '--min_sample_s=0', '--gemm_n=64', '--torch_variants=fp32,bf16_cl']
+         f'--trace={trace}', '--repeats=1', '--min_sample_s=0', '--gemm_n=64', '--torch_variants=fp32,bf16_cl',
+         '--loop_steps=2']
   proc = subprocess.run(cmd, cwd=ROOT, env=_child_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads(out.read_text())
@@ -78,11 +79,25 @@ def test_gpu_command_on_tiny_shapes(tmp_path):
       for suffix in ('', '_bf16'):  # one profiled step each
         assert list(trace.glob(f'smoke_{workload.split()[1]}{suffix}/**/*.trace.json.gz')), workload
   assert '| train ae_unet | bf16 |' in proc.stdout
+  assert [r['ratio'] > 0 for r in by_workload['loop']] == [True]
 
 
 def setting_config():
   from configs import synthetic
   return synthetic.get_config('washer,smoke')
+
+
+def test_loop_record_on_tiny_shapes(tmp_path):
+  """--what=loop writes a loop record: the loop's images/s beside the bare jitted step's, ratio = loop / step."""
+  out = tmp_path / 'loop.json'
+  cmd = [sys.executable, '-m', 'experiments.benchmark', '--what=loop', '--shapes=smoke', f'--out={out}',
+         '--repeats=1', '--loop_steps=3', '--gemm_n=64']
+  proc = subprocess.run(cmd, cwd=ROOT, env=_child_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  [loop] = [r for r in json.loads(out.read_text()) if r['workload'] == 'loop']
+  assert loop['unit'] == 'images/s' and loop['semiseg_per_s'] > 0 and loop['reference_per_s'] > 0
+  assert loop['ratio'] == pytest.approx(loop['semiseg_per_s'] / loop['reference_per_s'])
+  assert loop['batch_size'] == 4 and 'unet, 3 steps after the first' in loop['note']
 
 
 def test_a_failing_torch_compile_is_recorded_and_the_rest_measured(setting, monkeypatch):
