@@ -120,6 +120,12 @@ def get_base_config() -> config_dict.ConfigDict:
   # linear head's output mapped back (semiseg/models/autoencoder.py).
   c.model.ae_normalize = 'none'
   c.model.diff_blur = 0.0  # sigma (px) of a Gaussian blur of D = |I - AE(I)|, as score and U-Net input
+  # ae_unet training: D of the warped image ('warped': |W(I) - AE(W(I))|) or of the stored one, warped
+  # with it ('stored': W(|I - AE(I)|), textures tile by tile as in evaluation). The paper does not say.
+  c.model.diff_on = 'warped'
+  # ae_unet: D into the U-Net as is ('none', the paper) or divided by its 99th percentile over the
+  # unlabeled images ('p99'; semiseg/methods/ae_unet.py).
+  c.model.diff_scale = 'none'
   c.model.unet_features = 64
   c.model.unet_depth = 4
   # Defect-pixel prior for the U-Net head's initial bias (0.5 = zero bias). Defects are ~1 % of the

@@ -137,7 +137,7 @@ def build(config, workdir: str | None, mesh=None, data: pipeline.CategoryData | 
   trained = resolve_prerequisites(config, workdir, mesh, data)
   steps_per_epoch, total = schedule(config, len(data.unlabeled))
   ctx = base.MethodContext(image_size=config.data.image_size, texture=data.texture,
-                           steps_per_epoch=steps_per_epoch)
+                           steps_per_epoch=steps_per_epoch, unlabeled=data.unlabeled.images)
   method = create_method(config, ctx, trained)
   for stream, size in stream_batch_sizes(config, method.streams).items():
     key = 'config.batch_size' if stream == method.streams[0] else 'config.unlabeled_batch_size'

@@ -130,3 +130,83 @@ def test_textures_train_on_crops_evaluate_as_stitched_tiles_and_predict_at_the_s
   assert score.shape == (stored, stored)
   np.testing.assert_allclose(score, stitched[0], atol=1.5 / 65535 + 1e-5)
   assert Image.open(tmp_path / 'out' / 'other_score.png').size == (56, 40)
+
+
+class _Spy:
+  """A U-Net stand-in for the step: records what it is applied to, then runs the real one."""
+
+  def __init__(self, model):
+    self.model, self.inputs = model, []
+
+  def apply(self, params, x):
+    self.inputs.append(x)
+    return self.model.apply(params, x)
+
+
+@pytest.mark.parametrize('texture', [False, True])
+def test_diff_on_stored_warps_the_difference_image_of_the_stored_image(texture):
+  """config.model.diff_on='stored': the U-Net trains on W(I) and W(|I - AE(I)|), D taken of the stored
+  image (textures: tile by tile, as evaluation does), not |W(I) - AE(W(I))|. Checked against D computed
+  here with the AE's Flax model and the project's warp (tested against scipy in test_augment.py)."""
+  from semiseg import augment
+  from semiseg.methods import base, testing
+  size = 16
+  config = testing.shrink(synthetic.get_config('washer,smoke,method=ae_unet'), image_size=size, batch_size=3,
+                          overrides={'model.diff_on': 'stored', 'model.ae_bottleneck': 'conv',
+                                     'model.diff_blur': 1.0})
+  ctx = base.MethodContext(image_size=size, texture=texture, steps_per_epoch=10)
+  state = testing.init_state(testing.create_untrained(config, ctx), jax.random.PRNGKey(0))
+  stored = 2 * size if texture else size
+  batch = testing.fixed_batch(('labeled',), stored, 3, seed=1)
+  ae_params, ae_model = state.extras['ae_params'], autoencoder.create_model(config)
+  spy = _Spy(unet.create_model(config))
+  tx = base.optimizer_from_config(config, ctx)
+  spec = base.augment_spec(config, ctx)
+  kwargs = dict(model=spy, ae_model=ae_model, tx=tx, spec=spec, mode='image+diff', sigma=1.0,
+                tile=size if texture else None)
+  ae_unet.train_step(state, batch, diff_on='stored', **kwargs)
+  ae_unet.train_step(state, batch, diff_on='warped', **kwargs)
+  got_stored, got_warped = (np.asarray(x) for x in spy.inputs[:2])
+
+  images = batch['labeled']['image'].astype(np.float32) / 255.0
+  if texture:  # four tiles of the 2x image, each through the AE on its own
+    diff = np.zeros_like(images)
+    for y in range(0, stored, size):
+      for x in range(0, stored, size):
+        tile = images[:, y:y + size, x:x + size]
+        diff[:, y:y + size, x:x + size] = np.asarray(autoencoder.difference(ae_params, tile, ae_model, 1.0))
+  else:
+    diff = np.asarray(autoencoder.difference(ae_params, images, ae_model, 1.0))
+  key = base.step_key(state)
+  want, _, _ = augment.augment_batch(key, np.concatenate([images, diff], -1), None, spec)
+  assert got_stored.shape == (3, size, size, 6)
+  np.testing.assert_allclose(got_stored, np.asarray(want), atol=1e-5)
+  # Same warp of the image in both orders; D differs (the AE sees a rotated, shifted view in 'warped').
+  np.testing.assert_allclose(got_stored[..., :3], got_warped[..., :3], atol=1e-6)
+  assert np.abs(got_stored[..., 3:] - got_warped[..., 3:]).max() > 1e-3
+
+
+def test_diff_scale_p99_divides_d_by_its_99th_percentile_over_the_unlabeled_images():
+  """config.model.diff_scale='p99': D reaches the U-Net (training and score map) divided by the 99th
+  percentile of D over the context's unlabeled images, computed here with numpy."""
+  from semiseg.methods import base, testing
+  size = 16
+  config = testing.shrink(synthetic.get_config('washer,smoke,method=ae_unet'), image_size=size, batch_size=3,
+                          overrides={'model.diff_scale': 'p99', 'model.diff_on': 'warped'})
+  unlabeled = testing.fixed_batch(('unlabeled',), size, 40, seed=2)['unlabeled']['image']
+  ctx = base.MethodContext(image_size=size, texture=False, steps_per_epoch=10, unlabeled=unlabeled)
+  method = testing.create_untrained(config, ctx)
+  state = testing.init_state(method, jax.random.PRNGKey(0))
+  ae_params, ae_model = state.extras['ae_params'], autoencoder.create_model(config)
+  d_unlabeled = np.asarray(autoencoder.difference(ae_params, unlabeled.astype(np.float32) / 255.0, ae_model))
+  p99 = np.percentile(d_unlabeled, 99)
+  assert p99 > 1e-3
+  spy = _Spy(unet.create_model(config))
+  images = testing.fixed_batch(('labeled',), size, 3, seed=3)['labeled']['image'].astype(np.float32) / 255.0
+  method.score_map.func(state, images, **{**method.score_map.keywords, 'model': spy})
+  d = np.asarray(autoencoder.difference(ae_params, images, ae_model))
+  np.testing.assert_allclose(np.asarray(spy.inputs[0])[..., 3:], d / p99, rtol=1e-4, atol=1e-6)
+  assert method.train_step.keywords['scale'] == pytest.approx(p99, rel=1e-5)
+  # Without data (a test or benchmark context) D is not scaled, and nothing fails.
+  plain = testing.create_untrained(config, base.MethodContext(image_size=size, texture=False, steps_per_epoch=10))
+  assert plain.train_step.keywords['scale'] == 1.0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from ml_collections import config_dict
 
@@ -15,7 +17,16 @@ from semiseg.methods import autoencoder, base, unet
 from semiseg.models.autoencoder import ConvAutoencoder
 from semiseg.models.unet import UNet
 
+log = logging.getLogger(__name__)
+
 INPUTS = ('image', 'diff', 'image+diff')  # the paper's Table 4 ablation
+# Which image D is taken of in training: 'warped' (the augmented one: D = |W(I) - AE(W(I))|) or
+# 'stored' (D = |I - AE(I)| of the stored image, then warped together with it: W(I), W(D)).
+DIFF_ON = ('warped', 'stored')
+# How D enters the U-Net: as is ('none') or divided by the 99th percentile of D over the category's
+# unlabeled images ('p99', fixed when the method is created), so a defect's D is ~1 next to the image's
+# [0, 1] whatever the category's reconstruction error.
+DIFF_SCALE = ('none', 'p99')
 
 
 def validate(config) -> None:
@@ -23,23 +34,48 @@ def validate(config) -> None:
   autoencoder.validate(config)
   if config.model.unet_input not in INPUTS:
     raise ValueError(f'config.model.unet_input must be one of {INPUTS}, got {config.model.unet_input!r}.')
+  if config.model.diff_scale not in DIFF_SCALE:
+    raise ValueError(f'config.model.diff_scale must be one of {DIFF_SCALE}, got {config.model.diff_scale!r}.')
+  if config.model.diff_on not in DIFF_ON:
+    raise ValueError(f'config.model.diff_on must be one of {DIFF_ON}, got {config.model.diff_on!r}.')
 
 
 def unet_input(images_BxHxWx3: jax.Array, ae_params, ae_model: ConvAutoencoder, mode: str,
-               sigma: float = 0.0) -> jax.Array:
-  """The U-Net's input for an ablation mode; D comes from the frozen AE (no gradient reaches it)."""
+               sigma: float = 0.0, scale: float = 1.0) -> jax.Array:
+  """The U-Net's input for an ablation mode; D (divided by ``scale``) comes from the frozen AE (no
+  gradient reaches it)."""
   if mode == 'image':
     return images_BxHxWx3
-  diff = jax.lax.stop_gradient(autoencoder.difference(ae_params, images_BxHxWx3, ae_model, sigma))
+  diff = jax.lax.stop_gradient(autoencoder.difference(ae_params, images_BxHxWx3, ae_model, sigma)) / scale
   if mode == 'diff':
     return diff
   return jnp.concatenate([images_BxHxWx3, diff], axis=-1)
 
 
+def stored_difference(images_BxHxWx3: jax.Array, ae_params, ae_model: ConvAutoencoder, sigma: float,
+                      tile: int | None) -> jax.Array:
+  """D of stored images as evaluation computes it: textures (stored at 2x) tile by tile, stitched."""
+  if tile is None:
+    return autoencoder.difference(ae_params, images_BxHxWx3, ae_model, sigma)
+  b, h, w, _ = images_BxHxWx3.shape
+  tiles = autoencoder.difference(ae_params, augment.to_tiles(images_BxHxWx3, tile), ae_model, sigma)
+  return augment.from_tiles(tiles, b, h, w)
+
+
 def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, ae_model: ConvAutoencoder,
-               tx: optax.GradientTransformation, spec: augment.AugmentSpec, mode: str, sigma: float):
-  images, masks = unet.augmented_labeled(state, batch, spec)
-  inputs = unet_input(images, state.extras['ae_params'], ae_model, mode, sigma)
+               tx: optax.GradientTransformation, spec: augment.AugmentSpec, mode: str, sigma: float,
+               diff_on: str = 'warped', tile: int | None = None, scale: float = 1.0):
+  if diff_on == 'warped' or mode == 'image':
+    images, masks = unet.augmented_labeled(state, batch, spec)
+    inputs = unet_input(images, state.extras['ae_params'], ae_model, mode, sigma, scale)
+  else:
+    # D of the image the AE was trained on (unwarped), then one warp for image, D and mask: the U-Net
+    # learns from the D it will see at test time, not from the AE's errors on rotated, shifted views.
+    images = base.to_float(batch['labeled']['image'])
+    diff = jax.lax.stop_gradient(stored_difference(images, state.extras['ae_params'], ae_model, sigma, tile)) / scale
+    warped, masks, _ = augment.augment_batch(base.step_key(state), jnp.concatenate([images, diff], -1),
+                                             batch['labeled']['mask'].astype(jnp.float32), spec)
+    inputs = warped if mode == 'image+diff' else warped[..., 3:]
 
   def loss_fn(params):
     return base.sigmoid_bce(model.apply(params, inputs), masks)
@@ -49,8 +85,8 @@ def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, ae_mod
 
 
 def score_map(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: UNet, ae_model: ConvAutoencoder,
-            mode: str, sigma: float) -> jax.Array:
-  inputs = unet_input(images_BxHxWx3, state.extras['ae_params'], ae_model, mode, sigma)
+              mode: str, sigma: float, scale: float = 1.0) -> jax.Array:
+  inputs = unet_input(images_BxHxWx3, state.extras['ae_params'], ae_model, mode, sigma, scale)
   return jax.nn.sigmoid(model.apply(state.params, inputs)[..., 0])
 
 
@@ -95,11 +131,37 @@ def create_with_ae(config, ctx: base.MethodContext, ae_params) -> base.Method:
   in_channels = {'image': 3, 'diff': 3, 'image+diff': 6}[mode]
   ae_abstract = jax.eval_shape(lambda: ae_params)
   sigma = float(config.model.diff_blur)
+  scale = diff_scale(config, ctx, ae_params, ae_model) if mode != 'image' else 1.0
   return base.Method(
       name='ae_unet', streams=('labeled',), score_kind='probability',
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size, in_channels=in_channels,
                    ae_abstract=ae_abstract),
-      train_step=partial(train_step, model=model, ae_model=ae_model, tx=tx, spec=spec, mode=mode, sigma=sigma),
-      score_map=partial(score_map, model=model, ae_model=ae_model, mode=mode, sigma=sigma),
+      train_step=partial(train_step, model=model, ae_model=ae_model, tx=tx, spec=spec, mode=mode, sigma=sigma,
+                         diff_on=config.model.diff_on, tile=ctx.image_size if ctx.texture else None,
+                         scale=scale),
+      score_map=partial(score_map, model=model, ae_model=ae_model, mode=mode, sigma=sigma, scale=scale),
       reconstruct=partial(reconstruct, ae_model=ae_model),
       extras={'ae_params': ae_params})
+
+
+def diff_scale(config, ctx: base.MethodContext, ae_params, ae_model: ConvAutoencoder) -> float:
+  """The divisor of D for config.model.diff_scale: 1, or the 99th percentile of D (every channel and
+  pixel) over the unlabeled images, textures tile by tile as evaluated. Deterministic, so training,
+  evaluation, prediction and export (all created from the same AE and split) divide by the same number."""
+  if config.model.diff_scale == 'none':
+    return 1.0
+  if ctx.unlabeled is None:
+    log.info('ae_unet: no unlabeled images in this method context (made without data: a test or a '
+             'benchmark), so D is not scaled (config.model.diff_scale=%r).', config.model.diff_scale)
+    return 1.0
+  sigma = float(config.model.diff_blur)
+  tile = ctx.image_size if ctx.texture else None
+  fn = jax.jit(lambda x: stored_difference(base.to_float(x), ae_params, ae_model, sigma, tile))
+  chunks = [np.asarray(fn(ctx.unlabeled[i:i + 32])) for i in range(0, len(ctx.unlabeled), 32)]
+  p99 = float(np.percentile(np.concatenate(chunks).reshape(-1), 99))
+  if not np.isfinite(p99) or p99 <= 0:
+    raise ValueError(f'config.model.diff_scale={config.model.diff_scale!r}: the 99th percentile of D over the '
+                     f'unlabeled images is {p99}; the AE reconstructs them exactly? Use diff_scale=none.')
+  log.info('ae_unet: D is divided by %.4g (its 99th percentile over %d unlabeled images).', p99,
+           len(ctx.unlabeled))
+  return p99

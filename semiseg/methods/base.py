@@ -8,6 +8,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from semiseg import augment
@@ -71,6 +72,9 @@ class MethodContext:
   image_size: int  # network input side (texture crops)
   texture: bool
   steps_per_epoch: int
+  # uint8 [N, S, S, 3] images of the unlabeled split at the stored size, for what a method fits on them
+  # when it is created (ae_unet's D scale); None in contexts made without data (tests, benchmarks).
+  unlabeled: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
