@@ -101,6 +101,13 @@ def test_multihost_start_from_flags_and_environment(initialize_calls, monkeypatc
   monkeypatch.setenv('SLURM_NTASKS', '8')  # JAX reads the rest from SLURM itself
   assert sharding.maybe_initialize_distributed()
   assert initialize_calls[-1] == () and len(initialize_calls) == 3
+  for var in CLUSTER_VARS:
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 't1v-0')  # a single-host TPU VM: one process, nothing to start
+  assert not sharding.maybe_initialize_distributed() and len(initialize_calls) == 3
+  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 't1v-0,t1v-1,t1v-2,t1v-3')  # a pod slice: JAX reads the rest
+  assert sharding.maybe_initialize_distributed()
+  assert initialize_calls[-1] == () and len(initialize_calls) == 4
   with pytest.raises(ValueError, match='--coordinator_address, --num_processes and --process_id'):
     sharding.maybe_initialize_distributed('10.0.0.1:1234', None, None)
 
