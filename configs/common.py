@@ -122,7 +122,7 @@ def get_base_config() -> config_dict.ConfigDict:
   c.model.diff_blur = 0.0  # sigma (px) of a Gaussian blur of D = |I - AE(I)|, as score and U-Net input
   # ae_unet training: D of the warped image ('warped': |W(I) - AE(W(I))|) or of the stored one, warped
   # with it ('stored': W(|I - AE(I)|), textures tile by tile as in evaluation). The paper does not say.
-  c.model.diff_on = 'warped'
+  c.model.diff_on = 'stored'
   # ae_unet: D into the U-Net as is ('none', the paper) or divided by its 99th percentile over the
   # unlabeled images ('p99'; semiseg/methods/ae_unet.py).
   c.model.diff_scale = 'none'
@@ -138,6 +138,7 @@ def get_base_config() -> config_dict.ConfigDict:
   c.optim.learning_rate = 1e-4
   c.optim.decay_rate = 0.8
   c.optim.decay_every_epochs = 30
+  c.optim.decay_every_steps = config_dict.placeholder(int)  # set: overrides decay_every_epochs (CPU runs)
 
   c.ae_num_train_steps = config_dict.placeholder(int)  # AE of ae_unet; unset: the AE's own epochs
   # The AE's own augmentation: 'same' (config.augment), 'flips' (no rotation/translation), 'none'.
@@ -188,6 +189,9 @@ def smoke(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
   c.unlabeled_batch_size = 4
   c.eval_batch_size = 8
   c.num_train_steps = 4
+  c.ae_num_train_steps = 4
+  c.anogan.num_train_steps = None
+  c.optim.decay_every_steps = None
   c.log_every_steps = 2
   c.ckpt.every_steps = 2
   c.model.ae_features = (8, 16)
@@ -204,19 +208,35 @@ def smoke(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
 
 
 def cpu(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
-  """The paper's method at a size a 2-core CPU trains in minutes."""
+  """The paper's method at a size a 2-core CPU trains in minutes, with the settings measured to work
+  there (README: "What makes the difference image useful", "The CPU config")."""
   c.data.image_size = 64
   c.batch_size = 8
   c.unlabeled_batch_size = 8
-  c.model.ae_features = (16, 32, 64, 64)
-  c.model.latent_dim = 100
   c.model.unet_features = 16
   c.model.unet_depth = 3
+  # Every U-Net method (unet, ae_unet, pi_model, mean_teacher): 800 steps at 1e-3, x0.8 every 135 steps
+  # (5 epochs of the embedded categories' 210 unlabeled images at batch 8), so the rate decays 5 times.
+  c.num_train_steps = 800
+  c.optim.learning_rate = 1e-3
+  c.optim.decay_every_steps = 135
+  c.consistency.rampup_steps = 240  # 30 % of the run (Laine and Aila: 80 of 300 epochs)
+  # The AE: a spatial code (4x4x8 at 64 px) on per-image standardized inputs, no warps, 1000 steps at
+  # 2e-3; D blurred by 1 px, taken of the stored image and divided by its 99th percentile for the U-Net.
+  c.model.ae_features = (16, 32, 64, 64)
+  c.model.ae_bottleneck = 'conv'
+  c.model.latent_dim = 8
+  c.model.ae_normalize = 'image'
+  c.ae_augment = 'none'
+  c.ae_num_train_steps = 1000
+  c.ae_learning_rate = 2e-3
+  c.model.diff_blur = 1.0
+  c.model.diff_on = 'stored'
+  c.model.diff_scale = 'p99'
   c.anogan.latent_dim = 64
   c.anogan.features = (16, 32, 64, 64)
   c.anogan.search_steps = 50
-  c.consistency.rampup_steps = 100
-  c.optim.learning_rate = 2e-3
+  c.anogan.num_train_steps = 1600
   c.log_every_steps = 20
   c.ckpt.every_steps = 200
   return c

@@ -24,7 +24,6 @@ def get_config(arg: str | None = None):
     common.cpu(c)
   if 'smoke' in words:
     common.smoke(c)
-    c.ae_num_train_steps = 4
   texture = pairs.pop('texture', None)
   if texture is not None:  # the border follows it (semiseg/data/categories.py)
     c.data.texture = texture.lower() in ('1', 'true')

@@ -21,10 +21,7 @@ def get_config(arg: str | None = None):
   common.select_category(c, words, SYNTHETIC_CATEGORIES, ('smoke', 'paper'), 'configs/synthetic.py')
   if 'paper' not in words:
     common.cpu(c)
-    c.num_train_steps = 600  # ~1 min per method on 2 cores; the U-Net learns the defects by ~250
-    c.ae_num_train_steps = 400
   if 'smoke' in words:
     common.smoke(c)
-    c.ae_num_train_steps = 4
   common.apply_pairs(c, pairs, 'configs/synthetic.py')
   return c

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import scipy.ndimage
 from PIL import Image
 
 from configs import synthetic
@@ -37,7 +38,11 @@ def restore_params(workdir: str):
 
 
 def test_ae_unet_feeds_the_unet_the_difference_image_of_the_trained_ae(tmp_path):
-  config = synthetic.get_config('washer,smoke')  # ae_unet: trains its AE first in <workdir>/ae
+  # ae_unet: trains its AE first in <workdir>/ae. D of the warped view here, so that the U-Net's input
+  # holds the image D was taken of (diff_on='stored' is checked below, step by step); D divided by its
+  # 99th percentile over the unlabeled images (the CPU preset's diff_scale='p99').
+  config = synthetic.get_config('washer,smoke,model.diff_on=warped')
+  assert config.model.diff_scale == 'p99'
   wd = str(tmp_path / 'run')
   seen = []
   real = ae_unet.unet_input
@@ -61,16 +66,20 @@ def test_ae_unet_feeds_the_unet_the_difference_image_of_the_trained_ae(tmp_path)
   assert step == config.ae_num_train_steps
   ae_model = autoencoder.create_model(config)
 
-  def difference(params, images):
-    return np.abs(images - np.asarray(ae_model.apply(params, images)))
+  def difference(params, images):  # |I - AE(I)| with the preset's Gaussian blur, by scipy
+    raw = np.abs(images - np.asarray(ae_model.apply(params, images)))
+    return scipy.ndimage.gaussian_filter(raw, (0, config.model.diff_blur, config.model.diff_blur, 0),
+                                         mode='nearest', truncate=3.0)
+  unlabeled = result.data.unlabeled.images.astype(np.float32) / 255.0
+  p99 = np.percentile(difference(ae_params, unlabeled), 99)
   assert len(in_training) == config.num_train_steps
   for inputs in in_training:  # [B, H, W, 6]: the augmented image, then D
     assert inputs.shape == (config.batch_size, 32, 32, 6)
-    np.testing.assert_allclose(inputs[..., 3:], difference(ae_params, inputs[..., :3]), atol=1e-5)
+    np.testing.assert_allclose(inputs[..., 3:], difference(ae_params, inputs[..., :3]) / p99, atol=1e-4)
   test_images = result.data.test.images.astype(np.float32) / 255.0
   rows = [int(np.argmin(np.abs(in_evaluation[..., :3] - image).max(axis=(1, 2, 3)))) for image in test_images]
   np.testing.assert_allclose(in_evaluation[rows, ..., :3], test_images, atol=1e-6)  # every test image, as is
-  np.testing.assert_allclose(in_evaluation[rows, ..., 3:], difference(ae_params, test_images), atol=1e-5)
+  np.testing.assert_allclose(in_evaluation[rows, ..., 3:], difference(ae_params, test_images) / p99, atol=1e-4)
   # The check tells the trained AE from the untrained one and from zeros.
   ae_config = ae_unet.ae_config(config)
   initial = create_method(ae_config, result.ctx).init(jax.random.PRNGKey(config.seed)).params
@@ -198,13 +207,14 @@ def test_diff_scale_p99_divides_d_by_its_99th_percentile_over_the_unlabeled_imag
   method = testing.create_untrained(config, ctx)
   state = testing.init_state(method, jax.random.PRNGKey(0))
   ae_params, ae_model = state.extras['ae_params'], autoencoder.create_model(config)
-  d_unlabeled = np.asarray(autoencoder.difference(ae_params, unlabeled.astype(np.float32) / 255.0, ae_model))
+  sigma = config.model.diff_blur
+  d_unlabeled = np.asarray(autoencoder.difference(ae_params, unlabeled.astype(np.float32) / 255.0, ae_model, sigma))
   p99 = np.percentile(d_unlabeled, 99)
   assert p99 > 1e-3
   spy = _Spy(unet.create_model(config))
   images = testing.fixed_batch(('labeled',), size, 3, seed=3)['labeled']['image'].astype(np.float32) / 255.0
   method.score_map.func(state, images, **{**method.score_map.keywords, 'model': spy})
-  d = np.asarray(autoencoder.difference(ae_params, images, ae_model))
+  d = np.asarray(autoencoder.difference(ae_params, images, ae_model, sigma))
   np.testing.assert_allclose(np.asarray(spy.inputs[0])[..., 3:], d / p99, rtol=1e-4, atol=1e-6)
   assert method.train_step.keywords['scale'] == pytest.approx(p99, rel=1e-5)
   # Without data (a test or benchmark context) D is not scaled, and nothing fails.

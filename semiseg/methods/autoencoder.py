@@ -137,7 +137,7 @@ MONITOR = 'diff_auroc_labeled'  # pixel AUROC of the score map on the labeled im
 def create(config, ctx: base.MethodContext) -> base.Method:
   model = create_model(config)
   lr = config.ae_learning_rate or config.optim.learning_rate
-  tx = base.create_optimizer(lr, config.optim.decay_rate, config.optim.decay_every_epochs * ctx.steps_per_epoch)
+  tx = base.create_optimizer(lr, config.optim.decay_rate, base.decay_every_steps(config, ctx))
   spec = ae_augment_spec(config, ctx)
   sigma = float(config.model.diff_blur)
   reconstruction_loss(jnp.zeros((1, 16, 16, 1)), jnp.zeros((1, 16, 16, 1)), config.model.ae_loss)  # validate

@@ -109,9 +109,19 @@ def create_optimizer(learning_rate: float, decay_rate: float, transition_steps: 
   return optax.adam(schedule)
 
 
+def decay_every_steps(config, ctx: MethodContext) -> int:
+  """Steps between two x decay_rate drops: config.optim.decay_every_steps when set, else
+  decay_every_epochs epochs of ctx.steps_per_epoch."""
+  steps = config.optim.get('decay_every_steps')
+  if steps is None:
+    return config.optim.decay_every_epochs * ctx.steps_per_epoch
+  if steps <= 0:
+    raise ValueError(f'config.optim.decay_every_steps must be positive (or unset), got {steps}.')
+  return int(steps)
+
+
 def optimizer_from_config(config, ctx: MethodContext) -> optax.GradientTransformation:
-  return create_optimizer(config.optim.learning_rate, config.optim.decay_rate,
-                          config.optim.decay_every_epochs * ctx.steps_per_epoch)
+  return create_optimizer(config.optim.learning_rate, config.optim.decay_rate, decay_every_steps(config, ctx))
 
 
 def augment_spec(config, ctx: MethodContext) -> augment.AugmentSpec:
