@@ -127,5 +127,9 @@ def test_workloads_match_xla_up_to_elementwise_ops(smoke_config, name):
   if name == 'ae_unet':  # the frozen AE runs forward only; the U-Net's first layer reads the data
     ae = [(l.input_grad, l.weight_grad) for l in count.layers if l.name.startswith('ConvAutoencoder')]
     seg = [(l.input_grad, l.weight_grad) for l in count.layers if l.name.startswith('UNet')]
-    assert len(ae) + len(seg) == len(count.layers) and ae == [(False, False)] * len(ae)
+    # D's fixed Gaussian blur (config.model.diff_blur): two separable passes, no gradient.
+    blur = [(l.input_grad, l.weight_grad) for l in count.layers
+            if not l.name.startswith(('ConvAutoencoder', 'UNet'))]
+    assert blur == [(False, False)] * (2 if smoke_config.model.diff_blur > 0 else 0)
+    assert len(ae) + len(seg) + len(blur) == len(count.layers) and ae == [(False, False)] * len(ae)
     assert seg == [(False, True)] + [(True, True)] * (len(seg) - 1)

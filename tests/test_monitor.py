@@ -55,7 +55,10 @@ def test_health_flags_a_loss_that_ends_far_above_its_best(tmp_path):
 def selected(tmp_path_factory):
   """A smoke AE + U-Net whose AE keeps its checkpoint with the best labeled-image D AUROC."""
   work = str(tmp_path_factory.mktemp('selected'))
-  config = synthetic.get_config('washer,smoke,num_train_steps=2,ae_num_train_steps=8,ae_select=labeled_auroc')
+  # The paper's AE input (not standardized per image): 8 steps leave its reconstruction near-constant,
+  # the collapse the monitor must flag (a standardized AE's output follows each image's mean and spread).
+  config = synthetic.get_config('washer,smoke,num_train_steps=2,ae_num_train_steps=8,ae_select=labeled_auroc,'
+                                'model.ae_normalize=none')
   result = train.train(config, work, progress=False)
   return config, work, result
 
@@ -87,7 +90,7 @@ def test_ae_unet_refuses_a_collapsed_ae_unless_allowed(selected, tmp_path):
   config, work, _ = selected
   assert monitor.read_health(os.path.join(work, 'ae'))['collapsed']  # 8 smoke steps learn nothing
   strict = synthetic.get_config('washer,smoke,num_train_steps=2,ae_num_train_steps=8,ae_select=labeled_auroc,'
-                                'ae_allow_collapsed=false')
+                                'model.ae_normalize=none,ae_allow_collapsed=false')
   strict.ae_workdir = os.path.join(work, 'ae')
   with pytest.raises(RuntimeError, match=r'collapsed in training .*near-constant.*config.ae_allow_collapsed=True'):
     train.train(strict, str(tmp_path / 'strict'), progress=False)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.ndimage
 
 from configs import synthetic
 from semiseg import methods
@@ -110,10 +111,15 @@ def test_ae_unet_input_modes():
 
 
 def test_ae_score_map_is_channel_mean_abs_difference():
+  """The AE's score: |I - AE(I)| blurred by config.model.diff_blur px (scipy's Gaussian, edges
+  repeated, 3 sigma), channel mean."""
   m, state, _ = make('ae')
+  sigma = tiny_config('ae').model.diff_blur
+  assert sigma > 0  # the CPU preset blurs D
   x = jax.random.uniform(jax.random.PRNGKey(3), (2, SIZE, SIZE, 3))
-  recon = m.reconstruct(state, x)
-  np.testing.assert_allclose(m.score_map(state, x), np.abs(np.asarray(x) - np.asarray(recon)).mean(-1), atol=1e-6)
+  raw = np.abs(np.asarray(x) - np.asarray(m.reconstruct(state, x)))
+  want = scipy.ndimage.gaussian_filter(raw, (0, sigma, sigma, 0), mode='nearest', truncate=3.0).mean(-1)
+  np.testing.assert_allclose(m.score_map(state, x), want, atol=1e-6)
 
 
 def applied_learning_rates(tx, num_steps: int) -> np.ndarray:
