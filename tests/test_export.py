@@ -219,3 +219,21 @@ def test_meta_is_strict_json_with_an_unreachable_threshold(tmp_path):
   saved = strict_json(tmp_path / export.META)
   assert saved['threshold'] is None and 'infinity' in saved['threshold_source']
   assert (saved['stored_size'], saved['texture'], saved['platforms']) == (64, True, ['cpu', 'cuda'])
+
+
+@needs_onnx
+def test_difference_image_blur_converts_with_a_symbolic_batch(tmp_path):
+  """D's Gaussian blur (config.model.diff_blur) repeats the edges by gathering clipped indices: padding
+  with jnp.pad(mode='edge') converted into a graph ONNX Runtime refused for a batch of another size
+  than the traced one (the CPU preset's ae_unet failed to export that way). Three images, against
+  scipy's Gaussian filter with repeated edges."""
+  import scipy.ndimage
+  from semiseg.methods import autoencoder
+  x = np.random.default_rng(0).random((3, 16, 16, 3)).astype(np.float32)
+  result = export.export_onnx(lambda im: autoencoder.blur(im, 1.0), 16, str(tmp_path / 'blur.onnx'), 'blur', x)
+  assert result['max_abs_diff'] <= export.ATOL
+  import onnxruntime
+  session = onnxruntime.InferenceSession(str(tmp_path / 'blur.onnx'), providers=['CPUExecutionProvider'])
+  got = session.run(None, {session.get_inputs()[0].name: x})[0]
+  want = scipy.ndimage.gaussian_filter(x, (0, 1.0, 1.0, 0), mode='nearest', truncate=3.0)
+  np.testing.assert_allclose(got, want, atol=1e-5)

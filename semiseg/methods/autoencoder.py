@@ -73,7 +73,13 @@ def blur(maps_BxHxWxC: jax.Array, sigma: float) -> jax.Array:
   radius = max(1, int(round(3 * sigma)))
   g = gaussian_window(2 * radius + 1, sigma)
   c = maps_BxHxWxC.shape[-1]
-  padded = jnp.pad(maps_BxHxWxC, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode='edge')
+  # Edges repeated by gathering clipped indices: the same values as jnp.pad(mode='edge'), whose
+  # concatenation of broadcast edge slices jax2onnx converts with the traced batch size, not the
+  # exported symbolic one (ONNX Runtime then refuses batches of another size).
+  h, w = maps_BxHxWxC.shape[1:3]
+  rows_idx = jnp.clip(jnp.arange(-radius, h + radius), 0, h - 1)
+  cols_idx = jnp.clip(jnp.arange(-radius, w + radius), 0, w - 1)
+  padded = jnp.take(jnp.take(maps_BxHxWxC, rows_idx, axis=1), cols_idx, axis=2)
   dims = ('NHWC', 'HWIO', 'NHWC')
   rows = jax.lax.conv_general_dilated(padded, g[:, None, None, None] * jnp.ones((1, 1, 1, c)), (1, 1),
                                       'VALID', feature_group_count=c, dimension_numbers=dims)
