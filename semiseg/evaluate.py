@@ -167,7 +167,7 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
     # The score is |I - reconstruction| (channel mean): its mean over normal test images is how well
     # the model reproduces the category (AnoGAN's generator against the AE's, say).
     out['recon_error_good'] = float(test_scores[good].mean())
-  if method.monitor is not None:
+  if method.monitor is not None and method.score_kind == 'anomaly':  # D's yardstick: the AE, not Mean Teacher
     out['trivial'] = trivial_quality(data, num_bins)
   out.update(extra or {})
   if time_it and len(data.test):

@@ -90,3 +90,18 @@ def test_eval_json_is_strict_json_with_null_for_undefined_metrics(run, tmp_path)
   saved = test_fileio.load_strict((tmp_path / 'eval.json').read_text())
   assert saved['per_defect_type']['scratch']['image_auroc'] is None
   assert saved['test']['defect_iou'] == pytest.approx(out['test']['defect_iou'])
+
+
+def test_only_anomaly_maps_get_the_trivial_yardstick(run):
+  """eval.json's ``trivial`` (|I - M|, the yardstick of the AE's D, feeding diff_quality.csv) is for
+  anomaly-score methods with a monitor (the AE); Mean Teacher's monitor (teacher IoU) must not add it,
+  or its probability maps land in diff_quality.csv as if they were a difference image."""
+  import dataclasses
+  evaluate_with, labeled, test, _ = run
+  global METHOD
+  plain = METHOD
+  try:
+    METHOD = dataclasses.replace(plain, monitor='teacher_iou_labeled', score_kind='probability')
+    assert 'trivial' not in evaluate_with(test[200])
+  finally:
+    METHOD = plain
