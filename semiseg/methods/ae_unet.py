@@ -161,7 +161,7 @@ def diff_scale(config, ctx: base.MethodContext, ae_params, ae_model: ConvAutoenc
   p99 = float(np.percentile(np.concatenate(chunks).reshape(-1), 99))
   if not np.isfinite(p99) or p99 <= 0:
     raise ValueError(f'config.model.diff_scale={config.model.diff_scale!r}: the 99th percentile of D over the '
-                     f'unlabeled images is {p99}; the AE reconstructs them exactly? Use diff_scale=none.')
+                     f'unlabeled images is {p99}; the AE reconstructs them exactly? Set config.model.diff_scale=none.')
   log.info('ae_unet: D is divided by %.4g (its 99th percentile over %d unlabeled images).', p99,
            len(ctx.unlabeled))
   return p99

@@ -136,6 +136,21 @@ def applied_learning_rates(tx, num_steps: int) -> np.ndarray:
   return np.asarray(lrs, np.float64)
 
 
+def test_decay_every_steps_overrides_the_epoch_count():
+  """config.optim.decay_every_steps (the CPU preset's 135) sets the staircase in steps, whatever the
+  epoch; unset, decay_every_epochs x steps_per_epoch does. Read off the optimizer the method steps with."""
+  config = testing.shrink(synthetic.get_config('washer,smoke,method=unet'), image_size=SIZE, learning_rate=1e-3,
+                          overrides={'optim.decay_every_steps': 4, 'optim.decay_every_epochs': 30})
+  tx = methods.create_method(config, base.MethodContext(image_size=SIZE, texture=False, steps_per_epoch=10)).train_step.keywords['tx']
+  np.testing.assert_allclose(applied_learning_rates(tx, 10), [1e-3] * 4 + [0.8e-3] * 4 + [0.64e-3] * 2, rtol=1e-4)
+  config.optim.decay_every_steps = None  # 30 epochs of 1 step
+  tx = methods.create_method(config, base.MethodContext(image_size=SIZE, texture=False, steps_per_epoch=1)).train_step.keywords['tx']
+  np.testing.assert_allclose(applied_learning_rates(tx, 32), [1e-3] * 30 + [0.8e-3] * 2, rtol=1e-4)
+  config.optim.decay_every_steps = 0
+  with pytest.raises(ValueError, match=r'config\.optim\.decay_every_steps'):
+    methods.create_method(config, base.MethodContext(image_size=SIZE, texture=False, steps_per_epoch=1))
+
+
 def test_learning_rate_is_a_staircase_x08_every_transition():
   lrs = applied_learning_rates(base.create_optimizer(1e-4, 0.8, 30), 66)
   expected = np.array([1e-4] * 30 + [0.8e-4] * 30 + [0.64e-4] * 6)  # by hand: 1e-4 x 0.8^(step // 30)
