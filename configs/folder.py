@@ -19,7 +19,6 @@ def get_config(arg: str | None = None):
   unknown = [w for w in words if w not in ('smoke', 'cpu')]
   if unknown:
     raise ValueError(f'configs/folder.py: unknown arg word(s) {unknown}; use smoke, cpu or key=value.')
-  c.ae_num_train_steps = None
   if 'cpu' in words:
     common.cpu(c)
   if 'smoke' in words:

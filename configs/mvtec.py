@@ -19,9 +19,7 @@ def get_config(arg: str | None = None):
   c.data.name = 'mvtec_ad'
   c.data.category = 'bottle'
   common.select_category(c, words, MVTEC_CATEGORIES, ('smoke',), 'configs/mvtec.py')
-  c.ae_num_train_steps = None
   if 'smoke' in words:
     common.smoke(c)
-    c.ae_num_train_steps = 4
   common.apply_pairs(c, pairs, 'configs/mvtec.py')
   return c
