@@ -26,6 +26,7 @@ KEY_COLUMNS = ('dataset', 'category', 'method', 'variant', 'seed', 'split')
 RESULT_COLUMNS = KEY_COLUMNS + METRIC_NAMES + ('ms_per_image',)
 TIMING_COLUMNS = ('dataset', 'category', 'method', 'variant', 'seed', 'device', 'ms_batch_1', 'batch_n',
                   'ms_batch_n')
+CONVERGENCE_COLUMNS = ('category', 'method', 'seed', 'steps', 'loss_80', 'loss_100', 'change')
 MAIN = 'main'
 # Table 4's columns: (title, method, variant). 'Data Aug' and 'Original + Diff' are the main cells.
 ABLATION_COLUMNS = (('w/o Data Aug (U-Net)', 'unet', 'no_aug'), ('Data Aug (U-Net)', 'unet', MAIN),
@@ -300,6 +301,37 @@ def table_a1(timing: list[dict]) -> str:
   return markdown_table(header, body)
 
 
+def convergence_row(records: list[dict]) -> dict | None:
+  """How flat a run's logged loss is at its end: the mean logged loss over the steps in (70 %, 80 %] of
+  the run ('loss_80') and in (90 %, 100 %] ('loss_100'), and their relative change. Windows, not single
+  points: the U-Net family logs one labeled batch's loss, which jumps from batch to batch."""
+  points = [(r['step'], r['loss']) for r in records if r.get('loss') is not None and math.isfinite(r['loss'])]
+  if not points:
+    return None
+  last = points[-1][0]
+
+  def window(lo: float, hi: float) -> float:
+    values = [v for s, v in points if lo * last < s <= hi * last]
+    return float(np.mean(values)) if values else float('nan')
+  at_80, at_100 = window(0.7, 0.8), window(0.9, 1.0)
+  return {'steps': last, 'loss_80': at_80, 'loss_100': at_100,
+          'change': at_100 / at_80 - 1 if at_80 else float('nan')}
+
+
+def convergence_table(rows: list[dict]) -> str:
+  """Per category and method: 'loss at 80 % -> at 100 % (change)'."""
+  categories, methods = ordered_categories(rows), ordered_methods(rows)
+  cell = {(r['category'], r['method']): r for r in rows}
+  body = []
+  for c in categories:
+    line = [c]
+    for m in methods:
+      r = cell.get((c, m))
+      line.append('–' if r is None else f"{r['loss_80']:.3g} → {r['loss_100']:.3g} ({100 * r['change']:+.0f} %)")
+    body.append(line)
+  return markdown_table(['category'] + methods, body)
+
+
 def threshold_free_table(rows: list[dict]) -> str:
   categories, methods = ordered_categories(rows), ordered_methods(rows)
   stats = {m: seed_stats(rows, m) for m in THRESHOLD_FREE}
@@ -312,7 +344,7 @@ def threshold_free_table(rows: list[dict]) -> str:
 def build_markdown(*, dataset: str, rows: list[dict], timing: list[dict], counts: dict[str, dict],
                    figures: dict[str, str], overlay_dir: str | None, notes: list[str],
                    diff_rows: list[dict] | None = None, curves: dict[str, str] | None = None,
-                   recon_rows: list[dict] | None = None) -> str:
+                   recon_rows: list[dict] | None = None, convergence: list[dict] | None = None) -> str:
   """report.md: every table of the paper, our numbers as mean ± sample std (ddof=1) over seeds."""
   mvtec = dataset == 'mvtec_ad'
   seeds = sorted({r['seed'] for r in rows})
@@ -353,7 +385,7 @@ def build_markdown(*, dataset: str, rows: list[dict], timing: list[dict], counts
   out += [table4(rows, mvtec) if has('unet', 'no_aug') or has('ae_unet', 'diff') else
           '(Ablations not run: config.ablations=False.)', '']
   out += ['## Table A1: milliseconds per image', '',
-          f'After warm-up (compiled), median of 3 timed runs; "batch 1 / batch N" with N = the eval batch '
+          f'After warm-up (compiled), median of 3 timed runs (1 where a run takes over 2 s); "batch 1 / batch N" with N = the eval batch '
           f'({", ".join(map(str, batch_ns)) or "?"}); device: {", ".join(devices) or "?"}. '
           'Textures are timed per stored (2x) image, i.e. all its tiles.', '', table_a1(timing), '']
   out += ['## Table A2: MAE (misclassified pixels per test image)', '',
@@ -376,6 +408,12 @@ def build_markdown(*, dataset: str, rows: list[dict], timing: list[dict], counts
             'Every method\'s logged training loss against step (each cell\'s `metrics.jsonl`; the AE\'s '
             'labeled-image D AUROC beside it).', '']
     out += [f'- {c}: [{path}]({path})' for c, path in curves.items()] + ['']
+  if convergence:
+    out += ['### Convergence', '',
+            'Mean logged training loss over the steps in (70 %, 80 %] of each run and in (90 %, 100 %], and '
+            'the change between them (first seed; a converged run changes by a few % at most; the U-Net '
+            'family\'s loss is one labeled batch\'s, so its windows are noisy). AnoGAN\'s loss is the sum of '
+            'its two players\'. Raw numbers: `convergence.csv`.', '', convergence_table(convergence), '']
   out += ['## Figure 6', '',
           'Columns: original, AE reconstruction, difference |I − AE(I)| (channel mean, scaled per image), '
           'ground truth, then each method\'s binary prediction at its threshold (first seed).', '']

@@ -359,9 +359,10 @@ def write_figures(root: str, cells: list[Cell]) -> dict[str, str]:
   return out
 
 
-def write_curves(root: str, cells: list[Cell]) -> dict[str, str]:
-  """figures/curves_<category>.png: every main cell's loss against step (first seed); {category: path}."""
-  out = {}
+def write_curves(root: str, cells: list[Cell]) -> tuple[dict[str, str], list[dict]]:
+  """figures/curves_<category>.png: every main cell's loss against step (first seed); ({category: path},
+  convergence rows of those runs (report.convergence_row))."""
+  out, convergence = {}, []
   for category in dict.fromkeys(c.category for c in cells):
     seed = min(c.seed for c in cells if c.category == category)
     runs = {c.method: os.path.join(c.workdir(root), 'metrics.jsonl') for c in cells
@@ -372,7 +373,11 @@ def write_curves(root: str, cells: list[Cell]) -> dict[str, str]:
       figures.training_curves(os.path.join(root, rel), {m: runs[m] for m in methods.paper_order(runs)},
                               title=f'{category}, seed {seed}')
       out[category] = rel
-  return out
+    for m in methods.paper_order(runs):
+      row = report.convergence_row(figures.read_metrics(runs[m]))
+      if row is not None:
+        convergence.append({'category': category, 'method': m, 'seed': seed, **row})
+  return out, convergence
 
 
 def write_report(config, root: str, cells: list[Cell], run: list[str], done: list[str],
@@ -388,14 +393,16 @@ def write_report(config, root: str, cells: list[Cell], run: list[str], done: lis
   if got.diff_rows:
     report.write_csv(os.path.join(root, 'diff_quality.csv'), got.diff_rows, report.DIFF_QUALITY_COLUMNS)
   figure_paths = write_figures(root, cells)
-  curve_paths = write_curves(root, cells)
+  curve_paths, convergence = write_curves(root, cells)
+  if convergence:
+    report.write_csv(os.path.join(root, 'convergence.csv'), convergence, report.CONVERGENCE_COLUMNS)
   notes = [f'{m}: not in the method registry yet, skipped.' for m in skipped_methods]
   notes += [f'cell {where} failed ({why}); rerun to retry it.' for where, why in failed]
   notes += got.notes
   overlay_rel = os.path.join('figures', 'overlays', overlay_category)
   text = report.build_markdown(dataset=config.data.name, rows=rows, timing=timing, counts=got.counts,
                                figures=figure_paths, notes=notes, diff_rows=got.diff_rows, curves=curve_paths,
-                               recon_rows=got.recon_rows,
+                               recon_rows=got.recon_rows, convergence=convergence,
                                overlay_dir=overlay_rel if os.path.isdir(os.path.join(root, overlay_rel)) else None)
   fileio.write_text_atomic(path, text + '\n')
   return ReproduceResult(rows, timing, path, run, done, failed, skipped_methods)

@@ -94,7 +94,7 @@ def _tracked_step(train_step, state, batch, track):
 def _batches(method: base.Method, config, data, start_step: int, mesh):
   """Global batches for each step from ``start_step``: ``{'labeled': {...}, 'unlabeled': {...}}``."""
   sizes = restore.stream_batch_sizes(config, method.streams)
-  iters = {s: pipeline.batch_stream(getattr(data, s), batch_size=sizes[s],
+  iters = {s: pipeline.batch_stream(_with_fields(method, getattr(data, s), s), batch_size=sizes[s],
                                     seed=config.seed * 7919 + STREAM_SEED_OFFSET[s], start_step=start_step,
                                     sampling=SAMPLING[s], process_index=jax.process_index(),
                                     process_count=jax.process_count(), prefetch=config.data.prefetch)
@@ -102,6 +102,14 @@ def _batches(method: base.Method, config, data, start_step: int, mesh):
   while True:
     local = {s: next(it) for s, it in iters.items()}
     yield sharding.to_global(local, mesh)
+
+
+def _with_fields(method: base.Method, split: pipeline.Split, stream: str) -> pipeline.Split:
+  """The split with the arrays the method computes once from its images (``Method.stream_fields``)."""
+  fns = (method.stream_fields or {}).get(stream, {})
+  if not fns:
+    return split
+  return dataclasses.replace(split, fields={**split.fields, **{name: fn(split.images) for name, fn in fns.items()}})
 
 
 def train(config, workdir: str, mesh=None, data=None, progress: bool = True) -> TrainResult:

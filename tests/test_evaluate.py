@@ -105,3 +105,27 @@ def test_only_anomaly_maps_get_the_trivial_yardstick(run):
     assert 'trivial' not in evaluate_with(test[200])
   finally:
     METHOD = plain
+
+
+def test_timing_skips_the_warm_up_of_a_run_batch_size_and_stops_at_its_budget(monkeypatch):
+  """Table A1's timing: a batch size the scorer already ran is not warmed up again, and repeats stop
+  once their time passes the budget; a new batch size is warmed up first and then timed 3 times."""
+  mesh = sharding.create_mesh()
+  ctx = base.MethodContext(image_size=SIZE, texture=False, steps_per_epoch=1)
+  scorer = evaluate.Scorer(METHOD, None, ctx, mesh, batch_size=2)
+  clock, calls = [0.0], []
+  monkeypatch.setattr(evaluate.time, 'perf_counter', lambda: clock[0])
+
+  def slow(state, x):  # 50 ms per image on the fake clock
+    calls.append(x.shape[0])
+    clock[0] += 0.05 * x.shape[0]
+    return brightness(state, x)
+  images = np.full((4, SIZE, SIZE, 3), 100, np.uint8)
+  scorer(images)  # the real jit: scores two batches of 2
+  scorer._jit = slow
+  ms = scorer.time_per_image(images, 2, budget_s=0.15)  # 0.1 s a run: warm already, 2 runs pass 0.15 s
+  assert calls == [2, 2]
+  assert ms == pytest.approx(50.0)
+  calls.clear()
+  assert scorer.time_per_image(images, 1, budget_s=10.0) == pytest.approx(50.0)
+  assert calls == [1, 1, 1, 1]  # not run before: warm-up + 3 repeats

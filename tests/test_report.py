@@ -86,3 +86,17 @@ def test_figure_indices_take_one_defect_type_at_a_time():
   types = ['good', 'crack', 'crack', 'hole', 'good', 'crack']
   assert figures.figure_indices(types, masks, 2) == [1, 3]
   assert figures.figure_indices(types, masks, 10) == [1, 2, 3, 5]
+
+
+def test_convergence_row_means_the_loss_over_the_last_windows_by_hand():
+  """Loss logged to step 100: the window (70 %, 80 %] holds steps 75 and 80, the end
+  window (90 %, 100 %] steps 95 and 100; records without a loss (or a non-finite one) are skipped."""
+  records = [{'step': s, 'loss': 10.0} for s in range(10, 70, 10)]
+  records += [{'step': 75, 'loss': 3.0}, {'step': 80, 'loss': 5.0}, {'step': 85, 'loss': 9.0},
+              {'step': 90, 'loss': 7.0}, {'step': 95, 'loss': 1.0}, {'step': 98, 'loss': float('nan')},
+              {'step': 99, 'other': 1.0}, {'step': 100, 'loss': 3.0}]
+  row = report.convergence_row(records)
+  assert row == {'steps': 100, 'loss_80': 4.0, 'loss_100': 2.0, 'change': -0.5}
+  assert report.convergence_row([{'step': 1}]) is None
+  table = report.convergence_table([{'category': 'washer', 'method': 'unet', **row}])
+  assert '| washer | 4 → 2 (-50 %) |' in table

@@ -1,5 +1,6 @@
 """reproduce end to end on a smoke config: CSV columns, every table, figures; a rerun trains nothing."""
 
+import json
 import os
 
 import numpy as np
@@ -85,6 +86,14 @@ def test_training_curves_per_category_linked_from_the_report(repro):
   assert '## Training curves' in text and '](figures/curves_washer.png)' in text
   fig = Image.open(os.path.join(root, 'figures', 'curves_washer.png'))
   assert fig.size[0] > 500
+  # The convergence table: each trained cell's loss windows, recomputed here from its metrics.jsonl.
+  assert '### Convergence' in text
+  conv = {r['method']: r for r in report.read_csv(os.path.join(root, 'convergence.csv'))}
+  assert {'ae', 'unet', 'ae_unet'} <= set(conv)
+  records = [json.loads(line) for line in open(os.path.join(root, 'washer', 'seed0', 'unet', 'metrics.jsonl'))]
+  last = records[-1]['step']
+  end = [r['loss'] for r in records if 0.9 * last < r['step'] <= last]
+  assert conv['unet']['steps'] == last and conv['unet']['loss_100'] == pytest.approx(np.mean(end))
 
 
 def test_rerun_skips_finished_cells(repro, monkeypatch):

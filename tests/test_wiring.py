@@ -164,7 +164,8 @@ def test_diff_on_stored_warps_the_difference_image_of_the_stored_image(texture):
                           overrides={'model.diff_on': 'stored', 'model.ae_bottleneck': 'conv',
                                      'model.diff_blur': 1.0})
   ctx = base.MethodContext(image_size=size, texture=texture, steps_per_epoch=10)
-  state = testing.init_state(testing.create_untrained(config, ctx), jax.random.PRNGKey(0))
+  method = testing.create_untrained(config, ctx)
+  state = testing.init_state(method, jax.random.PRNGKey(0))
   stored = 2 * size if texture else size
   batch = testing.fixed_batch(('labeled',), stored, 3, seed=1)
   ae_params, ae_model = state.extras['ae_params'], autoencoder.create_model(config)
@@ -193,6 +194,24 @@ def test_diff_on_stored_warps_the_difference_image_of_the_stored_image(texture):
   # Same warp of the image in both orders; D differs (the AE sees a rotated, shifted view in 'warped').
   np.testing.assert_allclose(got_stored[..., :3], got_warped[..., :3], atol=1e-6)
   assert np.abs(got_stored[..., 3:] - got_warped[..., 3:]).max() > 1e-3
+
+  # The loop computes D of the stored labeled images once (Method.stream_fields) and hands it with the
+  # batch: the step then feeds the U-Net the same input without running the AE.
+  from semiseg import sharding
+  from semiseg.data import pipeline
+  labeled = pipeline.Split(images=batch['labeled']['image'], masks=batch['labeled']['mask'],
+                           defect_types=['scratch'] * 3, filenames=['a', 'b', 'c'])
+  data = pipeline.CategoryData(unlabeled=labeled, labeled=labeled, test=labeled, manifest={}, texture=texture,
+                               image_size=size)
+  config.data.prefetch = 0
+  loop_batch = next(train._batches(method, config, data, 0, sharding.create_mesh()))
+  rows = [list(map(bytes, batch['labeled']['image'])).index(bytes(x)) for x in np.asarray(loop_batch['labeled']['image'])]
+  np.testing.assert_allclose(np.asarray(loop_batch['labeled']['diff']), diff[rows], atol=1e-5)
+  ae_unet.train_step(state, {'labeled': {**batch['labeled'], 'diff': diff}}, diff_on='stored', **kwargs)
+  np.testing.assert_allclose(np.asarray(spy.inputs[2]), got_stored, atol=1e-5)
+  ae_unet.train_step(state, {'labeled': {**batch['labeled'], 'diff': np.zeros_like(diff)}}, diff_on='stored',
+                     **kwargs)  # the handed D is what the U-Net gets: no AE run in the step
+  assert np.abs(np.asarray(spy.inputs[3])[..., 3:]).max() == 0
 
 
 def test_diff_scale_p99_divides_d_by_its_99th_percentile_over_the_unlabeled_images():

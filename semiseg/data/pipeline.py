@@ -59,6 +59,9 @@ class Split:
   masks: np.ndarray  # uint8 [N, S, S, 1], 0/1
   defect_types: list[str]
   filenames: list[str]
+  # More per-image arrays ([N, ...]) that batches carry under their names, e.g. what a method computes
+  # once from the stored images instead of at every step (base.Method.stream_fields).
+  fields: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
     return len(self.filenames)
@@ -189,7 +192,7 @@ def _local_batch(split: Split, rows: np.ndarray) -> dict[str, np.ndarray]:
   mask = np.empty((len(rows),) + split.masks.shape[1:], np.uint8)
   image[order] = split.images[rows[order]]
   mask[order] = split.masks[rows[order]]
-  return {'image': image, 'mask': mask}
+  return {'image': image, 'mask': mask, **{name: values[rows] for name, values in split.fields.items()}}
 
 
 def batch_stream(split: Split, *, batch_size: int, seed: int, start_step: int = 0,
@@ -197,7 +200,8 @@ def batch_stream(split: Split, *, batch_size: int, seed: int, start_step: int = 
                  prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
   """Process-local rows of the global batch of steps start_step, start_step + 1, ... (endless).
 
-  Yields ``{'image': uint8 [batch_size / process_count, S, S, 3], 'mask': uint8 [..., S, S, 1]}``.
+  Yields ``{'image': uint8 [batch_size / process_count, S, S, 3], 'mask': uint8 [..., S, S, 1]}``, and
+  the same rows of each of ``split.fields`` under its name.
   The global batch of a step depends only on (seed, step, sampling, len(split)), so a resumed run
   sees the data an uninterrupted one would. ``prefetch`` batches are prepared by a daemon thread.
   """

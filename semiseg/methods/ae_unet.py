@@ -72,7 +72,10 @@ def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, ae_mod
     # D of the image the AE was trained on (unwarped), then one warp for image, D and mask: the U-Net
     # learns from the D it will see at test time, not from the AE's errors on rotated, shifted views.
     images = base.to_float(batch['labeled']['image'])
-    diff = jax.lax.stop_gradient(stored_difference(images, state.extras['ae_params'], ae_model, sigma, tile)) / scale
+    if 'diff' in batch['labeled']:  # computed once by the loop (stream_fields below), already scaled
+      diff = batch['labeled']['diff'].astype(jnp.float32)
+    else:
+      diff = jax.lax.stop_gradient(stored_difference(images, state.extras['ae_params'], ae_model, sigma, tile)) / scale
     warped, masks, _ = augment.augment_batch(base.step_key(state), jnp.concatenate([images, diff], -1),
                                              batch['labeled']['mask'].astype(jnp.float32), spec)
     inputs = warped if mode == 'image+diff' else warped[..., 3:]
@@ -132,16 +135,30 @@ def create_with_ae(config, ctx: base.MethodContext, ae_params) -> base.Method:
   ae_abstract = jax.eval_shape(lambda: ae_params)
   sigma = float(config.model.diff_blur)
   scale = diff_scale(config, ctx, ae_params, ae_model) if mode != 'image' else 1.0
+  tile = ctx.image_size if ctx.texture else None
+  stream_fields = None
+  if config.model.diff_on == 'stored' and mode != 'image':
+    # The AE is frozen, so D of a stored labeled image is the same at every step: computed once here
+    # instead of (for a texture) four tiles of AE per image per step.
+    stream_fields = {'labeled': {'diff': partial(stored_differences, ae_params=ae_params, ae_model=ae_model,
+                                                 sigma=sigma, tile=tile, scale=scale)}}
   return base.Method(
       name='ae_unet', streams=('labeled',), score_kind='probability',
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size, in_channels=in_channels,
                    ae_abstract=ae_abstract),
       train_step=partial(train_step, model=model, ae_model=ae_model, tx=tx, spec=spec, mode=mode, sigma=sigma,
-                         diff_on=config.model.diff_on, tile=ctx.image_size if ctx.texture else None,
-                         scale=scale),
+                         diff_on=config.model.diff_on, tile=tile, scale=scale),
       score_map=partial(score_map, model=model, ae_model=ae_model, mode=mode, sigma=sigma, scale=scale),
       reconstruct=partial(reconstruct, ae_model=ae_model),
-      extras={'ae_params': ae_params})
+      extras={'ae_params': ae_params}, stream_fields=stream_fields)
+
+
+def stored_differences(images_uint8: np.ndarray, *, ae_params, ae_model: ConvAutoencoder, sigma: float,
+                       tile: int | None, scale: float = 1.0, chunk: int = 32) -> np.ndarray:
+  """D / scale of stored uint8 images (host float32 [N, S, S, 3]), jitted in chunks of ``chunk``."""
+  fn = jax.jit(lambda x: stored_difference(base.to_float(x), ae_params, ae_model, sigma, tile) / scale)
+  out = [np.asarray(fn(images_uint8[i:i + chunk])) for i in range(0, len(images_uint8), chunk)]
+  return np.concatenate(out) if out else np.zeros(images_uint8.shape, np.float32)
 
 
 def diff_scale(config, ctx: base.MethodContext, ae_params, ae_model: ConvAutoencoder) -> float:
@@ -154,11 +171,9 @@ def diff_scale(config, ctx: base.MethodContext, ae_params, ae_model: ConvAutoenc
     log.info('ae_unet: no unlabeled images in this method context (made without data: a test or a '
              'benchmark), so D is not scaled (config.model.diff_scale=%r).', config.model.diff_scale)
     return 1.0
-  sigma = float(config.model.diff_blur)
-  tile = ctx.image_size if ctx.texture else None
-  fn = jax.jit(lambda x: stored_difference(base.to_float(x), ae_params, ae_model, sigma, tile))
-  chunks = [np.asarray(fn(ctx.unlabeled[i:i + 32])) for i in range(0, len(ctx.unlabeled), 32)]
-  p99 = float(np.percentile(np.concatenate(chunks).reshape(-1), 99))
+  diffs = stored_differences(ctx.unlabeled, ae_params=ae_params, ae_model=ae_model,
+                             sigma=float(config.model.diff_blur), tile=ctx.image_size if ctx.texture else None)
+  p99 = float(np.percentile(diffs.reshape(-1), 99))
   if not np.isfinite(p99) or p99 <= 0:
     raise ValueError(f'config.model.diff_scale={config.model.diff_scale!r}: the 99th percentile of D over the '
                      f'unlabeled images is {p99}; the AE reconstructs them exactly? Set config.model.diff_scale=none.')
