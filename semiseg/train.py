@@ -79,16 +79,21 @@ def _check_finite(track: dict, step: int) -> None:
                            'is kept. Lower config.optim.learning_rate or check the data.')
 
 
-def _tracked_step(train_step, state, batch, track):
+def _tracked_step(train_step, state, batch, track, reset):
   """``train_step``, and ``track`` updated on the device: the first step with a non-finite metric and its
-  metrics (``bad_step`` -1: none yet). Metrics then reach the host only at log and checkpoint steps,
-  and the run still stops at the first of them after a non-finite loss."""
+  metrics (``bad_step`` -1: none yet), and the sum and count of every metric since the last record
+  (``reset``: this step starts a new interval). Metrics then reach the host only at log and checkpoint
+  steps, as their mean over the interval, and the run still stops at the first of them after a
+  non-finite loss."""
   new_state, metrics = train_step(state, batch)
   finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))
   first = (track['bad_step'] < 0) & ~finite
   return new_state, metrics, {
       'bad_step': jnp.where(first, new_state.step, track['bad_step']).astype(jnp.int32),
-      'bad_metrics': jax.tree.map(lambda old, new: jnp.where(first, new, old), track['bad_metrics'], metrics)}
+      'bad_metrics': jax.tree.map(lambda old, new: jnp.where(first, new, old), track['bad_metrics'], metrics),
+      'sums': jax.tree.map(lambda old, new: jnp.where(reset, 0.0, old) + new.astype(jnp.float32), track['sums'],
+                           metrics),
+      'count': jnp.where(reset, 0, track['count']) + 1}
 
 
 def _batches(method: base.Method, config, data, start_step: int, mesh):
@@ -247,12 +252,14 @@ def _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, pr
   _, abstract_metrics = jax.eval_shape(method.train_step, state, batch)
   checkpoint.compile_digest(state)  # now, not at the first save
   track = jax.device_put({'bad_step': np.int32(-1),
-                          'bad_metrics': jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_metrics)},
-                         replicated)
+                          'bad_metrics': jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_metrics),
+                          'sums': jax.tree.map(lambda a: np.zeros(a.shape, np.float32), abstract_metrics),
+                          'count': np.int32(0)}, replicated)
+  reset = True  # the step after a record starts a new interval of the metrics' means
   try:
     while step < total:
       t0 = time.perf_counter()
-      state, metrics, track = jit_step(state, batch, track)
+      state, metrics, track = jit_step(state, batch, track, np.bool_(reset))
       step += 1
       if step < total:
         batch = next(batches)  # its host-to-device copy overlaps the step just dispatched
@@ -267,12 +274,15 @@ def _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, pr
       log_step = step % config.log_every_steps == 0
       watched = (_watch(watcher, best, best_ckpt, config, state, step, total)
                  if watcher is not None and (log_step or step == total) else {})
+      reset = False
       if ckpt.should_save(step) or step == total:  # checked before it is saved: no non-finite checkpoint
         _flush((step, metrics, watched, track), config, metrics_path, is_main, bar, t_last, n_last,
                images_per_step, force_log=True)
         ckpt.save(step, state, restore.checkpoint_meta(config, step, total, step == total), force=True)
+        reset = True
       elif log_step:
         pending = (step, metrics, watched, track)
+        reset = True
       bar.update(1)
     jax.block_until_ready(state)
     t_end = time.perf_counter()
@@ -287,10 +297,12 @@ def _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, pr
 
 
 def _flush(pending, config, metrics_path, is_main, bar, t_last, n_last, images_per_step, force_log=False):
-  step, metrics, watched, track = pending
-  values, track = jax.device_get((metrics, track))
+  step, _, watched, track = pending
+  track = jax.device_get(track)
   _check_finite(track, step)
-  values = {k: float(v) for k, v in values.items()}
+  # Each metric's mean over the steps since the previous record: one step's loss of a few labeled
+  # images jumps by 10x from batch to batch, the interval's mean is the curve.
+  values = {k: float(v) / max(int(track['count']), 1) for k, v in track['sums'].items()}
   values.update(watched)  # monitor values: NaN is a valid answer (e.g. no defect pixel), not a failure
   if step % config.log_every_steps == 0 or force_log:
     now = time.perf_counter()

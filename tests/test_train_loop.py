@@ -55,3 +55,23 @@ def test_a_non_finite_loss_between_log_steps_stops_the_run_at_the_next_one(tmp_p
     train.train(_config(12, 3, 4), str(tmp_path), progress=False)
   assert _ckpt_steps(str(tmp_path)) == [4]
   assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')] == [3, 4]
+
+
+def test_a_record_holds_each_metrics_mean_over_the_steps_since_the_previous_one(tmp_path, monkeypatch):
+  """Every step's loss is replaced by the step number (as float): the record at log step 3 must say
+  mean(1, 2, 3) = 2, at checkpoint step 4 just 4, at 6 mean(5, 6), at 8 mean(7, 8), at 9 9."""
+  from semiseg.methods import unet
+  create = unet.create
+
+  def create_loss_is_step(config, ctx):
+    method = create(config, ctx)
+    step = method.train_step
+
+    def numbered(state, batch):
+      new, metrics = step(state, batch)
+      return new, {**metrics, 'loss': new.step.astype(jnp.float32)}
+    return dataclasses.replace(method, train_step=numbered)
+  monkeypatch.setattr(unet, 'create', create_loss_is_step)
+  train.train(_config(9, 3, 4), str(tmp_path), progress=False)
+  lines = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  assert [(l['step'], l['loss']) for l in lines] == [(3, 2.0), (4, 4.0), (6, 5.5), (8, 7.5), (9, 9.0)]
