@@ -24,9 +24,22 @@ log = logging.getLogger(__name__)
 PrerequisiteResolver = Callable[..., dict[str, base.TrainState]]
 
 
+def _own(config, key: str):
+  """``config.<method>.<key>`` when the method's own config group sets it (e.g. ``anogan``), else None."""
+  group = config.get(config.method)
+  return group.get(key) if hasattr(group, 'get') else None
+
+
+def primary_batch_key(config) -> str:
+  """The config key that sizes the method's primary stream (named in errors)."""
+  return f'config.{config.method}.batch_size' if _own(config, 'batch_size') is not None else 'config.batch_size'
+
+
 def stream_batch_sizes(config, streams: tuple[str, ...]) -> dict[str, int]:
-  """The primary stream gets ``batch_size``; an unlabeled secondary stream ``unlabeled_batch_size``."""
-  sizes = {streams[0]: config.batch_size}
+  """The primary stream gets ``batch_size`` (or the method group's own, ``config.anogan.batch_size``);
+  an unlabeled secondary stream ``unlabeled_batch_size``."""
+  own = _own(config, 'batch_size')
+  sizes = {streams[0]: config.batch_size if own is None else int(own)}
   for s in streams[1:]:
     sizes[s] = config.unlabeled_batch_size
   return sizes
@@ -42,8 +55,7 @@ def schedule(config, num_unlabeled: int) -> tuple[int, int]:
   sets ``num_train_steps`` (``config.anogan.num_train_steps``: a GAN needs longer than a U-Net).
   """
   steps_per_epoch = config.steps_per_epoch or max(1, math.ceil(num_unlabeled / config.batch_size))
-  group = config.get(config.method)
-  own = group.get('num_train_steps') if hasattr(group, 'get') else None
+  own = _own(config, 'num_train_steps')
   if own is not None:
     total = own
   elif config.num_train_steps is not None:
@@ -61,6 +73,9 @@ def validate_config(config) -> None:
   """Values that cannot work, reported with the key and the fix before anything is built."""
   if config.batch_size <= 0:
     raise ValueError(f'config.batch_size must be positive, got {config.batch_size}.')
+  own = _own(config, 'batch_size')
+  if own is not None and own <= 0:
+    raise ValueError(f'config.{config.method}.batch_size must be positive (or unset: config.batch_size), got {own}.')
   if config.unlabeled_batch_size <= 0:
     raise ValueError(f'config.unlabeled_batch_size must be positive, got {config.unlabeled_batch_size}.')
   if config.eval_batch_size <= 0:
@@ -140,7 +155,7 @@ def build(config, workdir: str | None, mesh=None, data: pipeline.CategoryData | 
                            steps_per_epoch=steps_per_epoch, unlabeled=data.unlabeled.images)
   method = create_method(config, ctx, trained)
   for stream, size in stream_batch_sizes(config, method.streams).items():
-    key = 'config.batch_size' if stream == method.streams[0] else 'config.unlabeled_batch_size'
+    key = primary_batch_key(config) if stream == method.streams[0] else 'config.unlabeled_batch_size'
     sharding.check_batch_size(size, mesh, key)
     if len(getattr(data, stream)) == 0:
       raise ValueError(f'The {stream} split of {config.data.name}/{config.data.category} is empty; '

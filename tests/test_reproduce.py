@@ -164,9 +164,13 @@ def test_cell_config_sets_category_fields_and_variants(tmp_path):
   assert not brick.augment.enabled and brick.seed == 1 and brick.data.split_seed == config.data.split_seed
   assert washer.model.unet_input == 'diff' and washer.ae_workdir == str(tmp_path / 'washer' / 'seed1' / 'ae')
   assert 'methods' not in washer
-  config.ae_num_train_steps = 7
+  config.ae_num_train_steps, config.ae_batch_size = 7, 6
   ae = cell('washer', 0, 'ae')
-  assert ae.method == 'ae' and ae.num_train_steps == 7  # the AE ae_unet reuses
+  assert ae.method == 'ae' and ae.num_train_steps == 7 and ae.batch_size == 6  # the AE ae_unet reuses
+  assert cell('washer', 0, 'ae_unet').batch_size == config.batch_size != 6
+  config.ae_batch_size = 0
+  with pytest.raises(ValueError, match=r'config.ae_batch_size must be a positive'):
+    cell('washer', 0, 'ae')
 
 
 def test_fingerprint_ignores_other_methods_groups(tmp_path):

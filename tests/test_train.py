@@ -147,3 +147,19 @@ def test_a_methods_own_num_train_steps_overrides_the_runs():
   c.num_train_steps = None
   c.num_epochs = 3
   assert restore.schedule(c, num_unlabeled=20) == (5, 15)
+
+
+def test_a_methods_own_batch_size_sizes_its_primary_stream_alone():
+  """config.anogan.batch_size: AnoGAN's unlabeled batch; the U-Nets keep config.batch_size; a bad value
+  names the group's key."""
+  c = synthetic.get_config('washer,smoke,method=anogan')
+  assert restore.stream_batch_sizes(c, ('unlabeled',)) == {'unlabeled': 4}
+  c.anogan.batch_size = 6
+  assert restore.stream_batch_sizes(c, ('unlabeled',)) == {'unlabeled': 6}
+  assert restore.primary_batch_key(c) == 'config.anogan.batch_size'
+  c.method = 'mean_teacher'
+  assert restore.stream_batch_sizes(c, ('labeled', 'unlabeled')) == {'labeled': 4, 'unlabeled': 4}
+  assert restore.primary_batch_key(c) == 'config.batch_size'
+  c.method, c.anogan.batch_size = 'anogan', 0
+  with pytest.raises(ValueError, match=r'config.anogan.batch_size must be positive'):
+    restore.validate_config(c)

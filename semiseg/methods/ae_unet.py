@@ -105,11 +105,16 @@ def init(key: jax.Array, *, model: UNet, tx, image_size: int, in_channels: int, 
 
 def ae_config(config) -> config_dict.ConfigDict:
   """The AE that ae_unet uses: its own config as method 'ae' (same data, seed and sizes), trained for
-  ``ae_num_train_steps`` when set."""
+  ``ae_num_train_steps`` at batch ``ae_batch_size`` when they are set."""
   ae = config_dict.ConfigDict(config.to_dict(), type_safe=False)
   ae.method = 'ae'
   if config.get('ae_num_train_steps'):
     ae.num_train_steps = config.ae_num_train_steps
+  if config.get('ae_batch_size') is not None:
+    if int(config.ae_batch_size) <= 0:
+      raise ValueError(f'config.ae_batch_size must be a positive batch size (or unset: config.batch_size), '
+                       f'got {config.ae_batch_size}.')
+    ae.batch_size = config.ae_batch_size
   return ae
 
 
