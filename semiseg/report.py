@@ -411,9 +411,9 @@ def build_markdown(*, dataset: str, rows: list[dict], timing: list[dict], counts
   if convergence:
     out += ['### Convergence', '',
             'Mean logged training loss over the steps in (70 %, 80 %] of each run and in (90 %, 100 %], and '
-            'the change between them (first seed; a converged run changes by a few % at most; the U-Net '
-            'family\'s loss is one labeled batch\'s, so its windows are noisy). AnoGAN\'s loss is the sum of '
-            'its two players\'. Raw numbers: `convergence.csv`.', '', convergence_table(convergence), '']
+            'the change between them (first seed; a converged run changes by a few % at most). Each logged '
+            'loss is already the mean over the steps since the previous log step. AnoGAN\'s loss is the sum '
+            'of its two players\'. Raw numbers: `convergence.csv`.', '', convergence_table(convergence), '']
   out += ['## Figure 6', '',
           'Columns: original, AE reconstruction, difference |I − AE(I)| (channel mean, scaled per image), '
           'ground truth, then each method\'s binary prediction at its threshold (first seed).', '']
