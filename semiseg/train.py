@@ -256,10 +256,11 @@ def _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, pr
                           'sums': jax.tree.map(lambda a: np.zeros(a.shape, np.float32), abstract_metrics),
                           'count': np.int32(0)}, replicated)
   reset = True  # the step after a record starts a new interval of the metrics' means
+  flags = {b: jax.device_put(np.bool_(b), replicated) for b in (False, True)}  # no host copy per step
   try:
     while step < total:
       t0 = time.perf_counter()
-      state, metrics, track = jit_step(state, batch, track, np.bool_(reset))
+      state, metrics, track = jit_step(state, batch, track, flags[reset])
       step += 1
       if step < total:
         batch = next(batches)  # its host-to-device copy overlaps the step just dispatched
