@@ -304,7 +304,8 @@ def table_a1(timing: list[dict]) -> str:
 def convergence_row(records: list[dict]) -> dict | None:
   """How flat a run's logged loss is at its end: the mean logged loss over the steps in (70 %, 80 %] of
   the run ('loss_80') and in (90 %, 100 %] ('loss_100'), and their relative change. Windows, not single
-  points: the U-Net family logs one labeled batch's loss, which jumps from batch to batch."""
+  points: each record is already a mean over its log interval, but a few labeled images still make
+  neighbouring records differ."""
   points = [(r['step'], r['loss']) for r in records if r.get('loss') is not None and math.isfinite(r['loss'])]
   if not points:
     return None

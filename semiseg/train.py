@@ -88,7 +88,7 @@ def _tracked_step(train_step, state, batch, track, reset):
   new_state, metrics = train_step(state, batch)
   finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))
   first = (track['bad_step'] < 0) & ~finite
-  return new_state, metrics, {
+  return new_state, {
       'bad_step': jnp.where(first, new_state.step, track['bad_step']).astype(jnp.int32),
       'bad_metrics': jax.tree.map(lambda old, new: jnp.where(first, new, old), track['bad_metrics'], metrics),
       'sums': jax.tree.map(lambda old, new: jnp.where(reset, 0.0, old) + new.astype(jnp.float32), track['sums'],
@@ -234,14 +234,14 @@ def _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, pr
   state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), state)
   replicated = sharding.replicated(mesh)
   jit_step = jax.jit(functools.partial(_tracked_step, method.train_step),
-                     out_shardings=(state_sharding, replicated, replicated), donate_argnums=0)
+                     out_shardings=(state_sharding, replicated), donate_argnums=0)
   is_main = jax.process_index() == 0
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   batches = _batches(method, config, data, step, mesh)
   images_per_step = sum(restore.stream_batch_sizes(config, method.streams).values())
   bar = tqdm(total=total, initial=step, desc=f'{config.method}', disable=not (progress and is_main),
              dynamic_ncols=True, leave=False, mininterval=2.0)
-  # (step, metrics, monitor values, track) of a log step: pulled one step late so dispatch stays asynchronous
+  # (step, monitor values, track) of a log step: pulled one step late so dispatch stays asynchronous
   pending = None
   t_last, n_last = time.perf_counter(), step
   compile_s, t_first, first_step = None, None, step + 1
@@ -260,12 +260,12 @@ def _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, pr
   try:
     while step < total:
       t0 = time.perf_counter()
-      state, metrics, track = jit_step(state, batch, track, flags[reset])
+      state, track = jit_step(state, batch, track, flags[reset])
       step += 1
       if step < total:
         batch = next(batches)  # its host-to-device copy overlaps the step just dispatched
       if compile_s is None:
-        jax.block_until_ready(metrics)
+        jax.block_until_ready(track)
         t_first = time.perf_counter()
         compile_s = t_first - t0
       if pending is not None:
@@ -277,12 +277,12 @@ def _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, pr
                  if watcher is not None and (log_step or step == total) else {})
       reset = False
       if ckpt.should_save(step) or step == total:  # checked before it is saved: no non-finite checkpoint
-        _flush((step, metrics, watched, track), config, metrics_path, is_main, bar, t_last, n_last,
+        _flush((step, watched, track), config, metrics_path, is_main, bar, t_last, n_last,
                images_per_step, force_log=True)
         ckpt.save(step, state, restore.checkpoint_meta(config, step, total, step == total), force=True)
         reset = True
       elif log_step:
-        pending = (step, metrics, watched, track)
+        pending = (step, watched, track)
         reset = True
       bar.update(1)
     jax.block_until_ready(state)
@@ -298,7 +298,7 @@ def _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, pr
 
 
 def _flush(pending, config, metrics_path, is_main, bar, t_last, n_last, images_per_step, force_log=False):
-  step, _, watched, track = pending
+  step, watched, track = pending
   track = jax.device_get(track)
   _check_finite(track, step)
   # Each metric's mean over the steps since the previous record: one step's loss of a few labeled
