@@ -75,6 +75,24 @@ def test_one_device_mesh_places_state_and_batch():
   assert sharding.main_process_first(lambda: 7, 'test') == 7
 
 
+def test_run_once_compile_gives_the_default_compile_values():
+  """The state's init compiled at XLA's lowest optimization level (sharding.RUN_ONCE_COMPILER_OPTIONS)
+  draws the same initial weights as the default compile, up to float rounding."""
+  import flax.linen as nn
+
+  def init(key):
+    k1, k2 = jax.random.split(key)
+    return {'conv': nn.initializers.lecun_normal()(k1, (3, 3, 8, 16)),
+            'dense': nn.initializers.truncated_normal(0.02)(k2, (64, 10)), 'steps': jax.numpy.zeros((), 'int32')}
+
+  key = jax.random.PRNGKey(3)
+  got = sharding.create_sharded_state(init, key, sharding.create_mesh())
+  want = jax.jit(init)(key)
+  for name in want:
+    np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=1e-6, atol=1e-7)
+  assert float(np.std(np.asarray(got['conv']))) == pytest.approx((1 / (3 * 3 * 8)) ** 0.5, rel=0.1)
+
+
 @pytest.fixture
 def initialize_calls(monkeypatch):
   """Records jax.distributed.initialize calls instead of starting a cluster."""

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from semiseg import sharding
 from semiseg.bench import flops, suite, timing
 from semiseg.bench.suite import DTYPES, VARIANTS, Record, Setting, Torch, Variant, device_name
 from semiseg.methods import ae_unet, autoencoder, base, unet
@@ -50,11 +51,12 @@ def create_method(config, name: str) -> tuple[base.Method, base.TrainState]:
   ctx = _context(config)
   key = jax.random.PRNGKey(config.seed)
   if name == 'ae_unet':
-    ae_params = jax.jit(autoencoder.create(config, ctx).init)(key).params
+    ae_init = autoencoder.create(config, ctx).init
+    ae_params = sharding.compile_run_once(ae_init, key)(key).params
     method = ae_unet.create_with_ae(config, ctx, ae_params)
-    return method, jax.jit(method.init)(key).replace(extras=method.extras)
+    return method, sharding.compile_run_once(method.init, key)(key).replace(extras=method.extras)
   method = {'ae': autoencoder, 'unet': unet}[name].create(config, ctx)
-  return method, jax.jit(method.init)(key)
+  return method, sharding.compile_run_once(method.init, key)(key)
 
 
 def abstract_method(config, name: str) -> tuple[base.Method, base.TrainState]:

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from semiseg import sharding
 from semiseg.methods import base, create_method, prerequisites
 
 PREREQUISITE_SEED = 5  # PRNGKey of the initialised (untrained) prerequisites
@@ -65,7 +66,7 @@ def create_untrained(config, ctx: base.MethodContext) -> base.Method:
 
 def init_state(method: base.Method, key: jax.Array) -> base.TrainState:
   """A fresh state with the method's extras in place, as the loop makes it (unsharded)."""
-  state = jax.jit(method.init)(key)
+  state = sharding.compile_run_once(method.init, key)(key)
   return state if method.extras is None else state.replace(extras=method.extras)
 
 
