@@ -113,21 +113,22 @@ def mean_image(split) -> np.ndarray:
   return split.images.astype(np.float64).mean(axis=0).astype(np.float32) / 255.0
 
 
-def trivial_difference(images_uint8: np.ndarray, mean_HxWx3: np.ndarray) -> np.ndarray:
-  """|I - M| averaged over channels: the difference image of a 'model' that always answers M."""
-  return np.abs(images_uint8.astype(np.float32) / 255.0 - mean_HxWx3).mean(axis=-1)
+def trivial_difference(images_uint8: np.ndarray, mean_HxWx3: np.ndarray, channels: str = 'mean') -> np.ndarray:
+  """|I - M| reduced over channels (mean or max, as the AE's score map: config.model.diff_channels): the
+  difference image of a 'model' that always answers M."""
+  return base.reduce_channels(np.abs(images_uint8.astype(np.float32) / 255.0 - mean_HxWx3), channels)
 
 
 THRESHOLD_FREE_D = ('pixel_auroc', 'pixel_ap', 'aupro')
 
 
-def trivial_quality(data, num_bins: int) -> dict:
+def trivial_quality(data, num_bins: int, channels: str = 'mean') -> dict:
   """Threshold-free metrics of |I - M|, M the mean of the unlabeled images, on the test split and the
   labeled images ('train'): the yardstick an AE's difference image must beat."""
   mean = mean_image(data.unlabeled)
   out = {}
   for name, split in (('test', data.test), ('train', data.labeled)):
-    res, _ = metrics_at(trivial_difference(split.images, mean), split, 0.5, num_bins)
+    res, _ = metrics_at(trivial_difference(split.images, mean, channels), split, 0.5, num_bins)
     out[name] = {k: res[k] for k in THRESHOLD_FREE_D}
   return out
 
@@ -178,7 +179,7 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
     # the model reproduces the category (AnoGAN's generator against the AE's, say).
     out['recon_error_good'] = float(test_scores[good].mean())
   if method.monitor is not None and method.score_kind == 'anomaly':  # D's yardstick: the AE, not Mean Teacher
-    out['trivial'] = trivial_quality(data, num_bins)
+    out['trivial'] = trivial_quality(data, num_bins, config.model.diff_channels)
   out.update(extra or {})
   if time_it and len(data.test):
     out['ms_per_image'] = {

@@ -394,14 +394,14 @@ def build_markdown(*, dataset: str, rows: list[dict], timing: list[dict], counts
   out += ['## Threshold-free metrics (test split)', '', threshold_free_table(rows), '']
   if diff_rows:
     out += ['## Difference image', '',
-            'How well the AE\'s difference image D = |I − AE(I)| (channel mean) ranks defect pixels, against '
-            'the trivial |I − M|, M the per-pixel mean of the unlabeled images: a D that does not beat it adds '
+            'How well the AE\'s difference image D = |I − AE(I)| (reduced over channels by `config.model.diff_channels`) ranks defect pixels, against '
+            'the trivial |I − M| (reduced alike), M the per-pixel mean of the unlabeled images: a D that does not beat it adds '
             'nothing a mean image would not. Pixel AUROC and AP on the test split, AUPRO (FPR ≤ 0.3), and '
             'AUROC on the labeled images (what `config.ae_select=labeled_auroc` selects by). Raw numbers: '
             '`diff_quality.csv`.', '', diff_quality_table(diff_rows), '']
   if recon_rows:
     out += ['## Reconstruction error on normal test images', '',
-            'Mean |I − reconstruction| (channel mean, per pixel) over the test split\'s good images: how well each '
+            'Mean of the score map |I − reconstruction| (reduced over channels by `config.model.diff_channels`) over the test split\'s good images: how well each '
             'reconstructing method reproduces the category (AnoGAN: its generator after the latent search).', '',
             metric_table(recon_rows, 'recon_error_good', digits=4), '']
   if curves:

@@ -95,9 +95,10 @@ def reconstruct(state: base.TrainState, images_BxHxWx3: jax.Array, **search) -> 
   return search['g_model'].apply(state.params['g'], z_BxD)
 
 
-def score_map(state: base.TrainState, images_BxHxWx3: jax.Array, **search) -> jax.Array:
-  """Anomaly score: the channel mean of |I - G(z*)|, in [0, 1] (G ends in a sigmoid)."""
-  return jnp.abs(images_BxHxWx3 - reconstruct(state, images_BxHxWx3, **search)).mean(axis=-1)
+def score_map(state: base.TrainState, images_BxHxWx3: jax.Array, channels: str = 'mean', **search) -> jax.Array:
+  """Anomaly score: the channel mean (or max, config.model.diff_channels) of |I - G(z*)|, in [0, 1] (G
+  ends in a sigmoid)."""
+  return base.reduce_channels(jnp.abs(images_BxHxWx3 - reconstruct(state, images_BxHxWx3, **search)), channels)
 
 
 def init(key: jax.Array, *, g_model: Generator, d_model: Discriminator, tx_g, tx_d, image_size: int,
@@ -126,6 +127,7 @@ def create(config, ctx: base.MethodContext) -> base.Method:
     raise ValueError(f'config.anogan.b1 must be in [0, 1), got {c.b1}.')
   if not 0 <= float(c.discrimination_weight) <= 1:
     raise ValueError(f'config.anogan.discrimination_weight must be in [0, 1], got {c.discrimination_weight}.')
+  base.check_diff_channels(config.model.diff_channels)
   dtype = base.compute_dtype(config.model.dtype)
   g_model = Generator(features=features, image_size=ctx.image_size, dtype=dtype)
   d_model = Discriminator(features=features, dtype=dtype)
@@ -141,5 +143,5 @@ def create(config, ctx: base.MethodContext) -> base.Method:
                    latent_dim=latent_dim),
       train_step=partial(train_step, g_model=g_model, d_model=d_model, tx_g=tx_g, tx_d=tx_d, spec=spec,
                          latent_dim=latent_dim),
-      score_map=partial(score_map, **search),
+      score_map=partial(score_map, channels=config.model.diff_channels, **search),
       reconstruct=partial(reconstruct, **search))

@@ -93,9 +93,9 @@ def difference(ae_params, images_BxHxWx3: jax.Array, model: ConvAutoencoder, sig
 
 
 def score_map(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: ConvAutoencoder,
-              sigma: float = 0.0) -> jax.Array:
-  """Anomaly score map: the channel mean of D, in [0, 1]."""
-  return difference(state.params, images_BxHxWx3, model, sigma).mean(axis=-1)
+              sigma: float = 0.0, channels: str = 'mean') -> jax.Array:
+  """Anomaly score map: the channel mean (or max, config.model.diff_channels) of D, about in [0, 1]."""
+  return base.reduce_channels(difference(state.params, images_BxHxWx3, model, sigma), channels)
 
 
 AUGMENT = ('same', 'flips', 'none')
@@ -108,6 +108,7 @@ def validate(config) -> None:
     raise ValueError(f'config.ae_augment must be one of {AUGMENT}, got {config.ae_augment!r}.')
   if config.model.diff_blur < 0:
     raise ValueError(f'config.model.diff_blur must be >= 0, got {config.model.diff_blur}.')
+  base.check_diff_channels(config.model.diff_channels)
   if config.ae_select not in SELECT:
     raise ValueError(f'config.ae_select must be one of {SELECT}, got {config.ae_select!r}.')
 
@@ -151,6 +152,6 @@ def create(config, ctx: base.MethodContext) -> base.Method:
       name='ae', streams=('unlabeled',), score_kind='anomaly',
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size),
       train_step=partial(train_step, model=model, tx=tx, spec=spec, loss_kind=config.model.ae_loss),
-      score_map=partial(score_map, model=model, sigma=sigma),
+      score_map=partial(score_map, model=model, sigma=sigma, channels=config.model.diff_channels),
       reconstruct=partial(reconstruct, model=model),
       monitor=MONITOR, select_best=config.ae_select == 'labeled_auroc')

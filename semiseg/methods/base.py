@@ -145,6 +145,23 @@ def check_divisible(image_size: int, scale: int, what: str) -> None:
                      f'use a multiple of {scale}.')
 
 
+# config.model.diff_channels: how a reconstruction method's score map reduces |I - reconstruction| over
+# the colour channels (AE, PCA, AnoGAN, and the trivial |I - M| of evaluation alike).
+DIFF_CHANNELS = ('mean', 'max')
+
+
+def check_diff_channels(how: str) -> None:
+  if how not in DIFF_CHANNELS:
+    raise ValueError(f'config.model.diff_channels must be one of {DIFF_CHANNELS}, got {how!r}.')
+
+
+def reduce_channels(diff_BxHxWxC, how: str):
+  """The channel mean or max of a difference image (numpy or jax): 'max' keeps a defect that shows in
+  one colour channel at its full contrast, 'mean' divides it by the channel count."""
+  check_diff_channels(how)
+  return diff_BxHxWxC.max(axis=-1) if how == 'max' else diff_BxHxWxC.mean(axis=-1)
+
+
 def compute_dtype(name: str):
   if name not in ('float32', 'bfloat16'):
     raise ValueError(f"config.model.dtype must be 'float32' or 'bfloat16', got {name!r}.")

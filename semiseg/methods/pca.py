@@ -73,10 +73,10 @@ def reconstruct(state: base.TrainState, images_BxHxWx3: jax.Array) -> jax.Array:
   return recon_BxD.reshape(images_BxHxWx3.shape)
 
 
-def score_map(state: base.TrainState, images_BxHxWx3: jax.Array) -> jax.Array:
-  """Anomaly score: the channel mean of |I - clip(recon, 0, 1)|, in [0, 1]."""
+def score_map(state: base.TrainState, images_BxHxWx3: jax.Array, channels: str = 'mean') -> jax.Array:
+  """Anomaly score: the channel mean (or max, config.model.diff_channels) of |I - clip(recon, 0, 1)|, in [0, 1]."""
   recon = jnp.clip(reconstruct(state, images_BxHxWx3), 0.0, 1.0)
-  return jnp.abs(images_BxHxWx3 - recon).mean(axis=-1)
+  return base.reduce_channels(jnp.abs(images_BxHxWx3 - recon), channels)
 
 
 def init(key: jax.Array, *, image_size: int, num_components: int, max_components: int) -> base.TrainState:
@@ -96,11 +96,13 @@ def create(config, ctx: base.MethodContext) -> base.Method:
     raise ValueError(f'config.pca.variance must be in (0, 1], got {variance}.')
   if num_components == 0 and max_components <= 0:
     raise ValueError(f'config.pca.max_components must be positive, got {max_components}.')
+  channels = config.model.diff_channels
+  base.check_diff_channels(channels)
   return base.Method(
       name='pca', streams=('unlabeled',), score_kind='anomaly',
       init=partial(init, image_size=ctx.image_size, num_components=num_components,
                    max_components=max_components),
       solve=partial(solve, image_size=ctx.image_size, texture=ctx.texture, num_components=num_components,
                   variance=variance, max_components=max_components),
-      score_map=score_map,
+      score_map=partial(score_map, channels=channels),
       reconstruct=reconstruct)
