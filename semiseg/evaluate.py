@@ -175,9 +175,12 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
     out['oracle'] = {'threshold': oracle_t, 'test': metrics_at(test_scores, data.test, oracle_t, num_bins)[0]}
   good = np.array([t == 'good' for t in data.test.defect_types], bool)
   if method.score_kind == 'anomaly' and method.reconstruct is not None and good.any():
-    # The score is |I - reconstruction| (channel mean): its mean over normal test images is how well
-    # the model reproduces the category (AnoGAN's generator against the AE's, say).
-    out['recon_error_good'] = float(test_scores[good].mean())
+    # How well the model reproduces the category (AnoGAN's generator against the AE's, say): the mean
+    # |I - reconstruction| over the normal test images' pixels and channels. Not the score map, whose
+    # blur and channel reduction (config.model.diff_blur, diff_channels) belong to the score.
+    images = data.test.images[good]
+    recon = Scorer(method, state, ctx, mesh, config.eval_batch_size, fn=method.reconstruct)(images)
+    out['recon_error_good'] = float(np.abs(images.astype(np.float32) / 255.0 - recon).mean())
   if method.monitor is not None and method.score_kind == 'anomaly':  # D's yardstick: the AE, not Mean Teacher
     out['trivial'] = trivial_quality(data, num_bins, config.model.diff_channels)
   out.update(extra or {})

@@ -401,7 +401,7 @@ def build_markdown(*, dataset: str, rows: list[dict], timing: list[dict], counts
             '`diff_quality.csv`.', '', diff_quality_table(diff_rows), '']
   if recon_rows:
     out += ['## Reconstruction error on normal test images', '',
-            'Mean of the score map |I − reconstruction| (reduced over channels by `config.model.diff_channels`) over the test split\'s good images: how well each '
+            'Mean |I − reconstruction| (over pixels and channels, unblurred) over the test split\'s good images: how well each '
             'reconstructing method reproduces the category (AnoGAN: its generator after the latent search).', '',
             metric_table(recon_rows, 'recon_error_good', digits=4), '']
   if curves:

@@ -107,6 +107,28 @@ def test_only_anomaly_maps_get_the_trivial_yardstick(run):
     METHOD = plain
 
 
+def test_reconstruction_error_is_the_plain_mean_abs_difference_of_the_good_test_images():
+  """eval.json's ``recon_error_good``: mean |I - reconstruction| over the good test images' pixels and
+  channels, computed here with numpy; not the score map (whose channel max would double it)."""
+  import dataclasses
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (5, SIZE, SIZE, 3)).astype(np.uint8)
+  types = ['good', 'scratch', 'good', 'good', 'scratch']
+  masks = np.zeros((5, SIZE, SIZE), bool)
+  masks[1, :4, :4] = masks[4, 2:6, 2:6] = True
+  empty = split(np.zeros((0, SIZE, SIZE, 3), np.uint8), np.zeros((0, SIZE, SIZE), bool), [])
+  data = pipeline.CategoryData(unlabeled=empty, labeled=split(images[:2], masks[:2], types[:2]),
+                               test=split(images, masks, types), manifest={}, texture=False, image_size=SIZE)
+  grey = lambda state, x: 0.5 + 0 * x  # a 'model' that answers mid-grey everywhere
+  method = dataclasses.replace(METHOD, reconstruct=grey,
+                               score_map=lambda state, x: abs(x - 0.5).max(axis=-1))
+  out = evaluate.evaluate(method, None, data, base.MethodContext(image_size=SIZE, texture=False, steps_per_epoch=1),
+                          sharding.create_mesh(), synthetic.get_config('washer,smoke'), time_it=False)
+  good = images[[0, 2, 3]].astype(np.float64) / 255.0
+  assert out['recon_error_good'] == pytest.approx(np.abs(good - 0.5).mean(), rel=1e-5)
+  assert out['recon_error_good'] < np.abs(good - 0.5).max(axis=-1).mean()
+
+
 def test_timing_skips_the_warm_up_of_a_run_batch_size_and_stops_at_its_budget(monkeypatch):
   """Table A1's timing: a batch size the scorer already ran is not warmed up again, and repeats stop
   once their time passes the budget; a new batch size is warmed up first and then timed 3 times."""
