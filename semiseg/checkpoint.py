@@ -109,9 +109,9 @@ def compile_digest(state: Any) -> None:
   leaves = [x for _, x in _leaves(state)]
   key = _checksum_key(leaves)
   if key not in _COMPILED_CHECKSUMS:
-    # run-once code (sharding.RUN_ONCE_COMPILER_OPTIONS): a few calls per run; at level 0 the U-Net's
+    # run-once code (sharding.run_once_compiler_options): a few calls per run; at level 0 the U-Net's
     # compiled in 2.2 s instead of 3.6 s and ran in 15 ms instead of 10 ms
-    _COMPILED_CHECKSUMS[key] = _device_checksums.lower(leaves).compile(sharding.RUN_ONCE_COMPILER_OPTIONS)
+    _COMPILED_CHECKSUMS[key] = _device_checksums.lower(leaves).compile(sharding.run_once_compiler_options())
 
 
 def device_digest(state: Any) -> str:

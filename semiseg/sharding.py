@@ -155,13 +155,18 @@ def from_full_array(x: np.ndarray, mesh: Mesh) -> jax.Array:
 # most of it optimizing the initializers' random-number code: the CPU config's U-Net init compiled in
 # 17.7 s by default and 3.4 s at level 0 (2 cores), and every trained cell compiles one. The values are
 # the same up to float rounding (at most 1 ulp apart in the truncated-normal kernels), and the same on
-# every call of one build.
+# every call of one build. Used on the CPU only: on GPUs and TPUs the option is unmeasured, and there
+# the default compile is kept.
 RUN_ONCE_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 
 
+def run_once_compiler_options() -> dict:
+  return dict(RUN_ONCE_COMPILER_OPTIONS) if jax.default_backend() == 'cpu' else {}
+
+
 def compile_run_once(fn: Callable, *args, **jit_kwargs):
-  """``jax.jit(fn, **jit_kwargs)`` compiled for ``args`` with ``RUN_ONCE_COMPILER_OPTIONS``."""
-  return jax.jit(fn, **jit_kwargs).lower(*args).compile(RUN_ONCE_COMPILER_OPTIONS)
+  """``jax.jit(fn, **jit_kwargs)`` compiled for ``args`` with ``run_once_compiler_options()``."""
+  return jax.jit(fn, **jit_kwargs).lower(*args).compile(run_once_compiler_options())
 
 
 def create_sharded_state(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh) -> Any:

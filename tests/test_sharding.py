@@ -85,6 +85,8 @@ def test_run_once_compile_gives_the_default_compile_values():
     return {'conv': nn.initializers.lecun_normal()(k1, (3, 3, 8, 16)),
             'dense': nn.initializers.truncated_normal(0.02)(k2, (64, 10)), 'steps': jax.numpy.zeros((), 'int32')}
 
+  assert sharding.run_once_compiler_options() == ({'xla_backend_optimization_level': 0}
+                                                 if jax.default_backend() == 'cpu' else {})
   key = jax.random.PRNGKey(3)
   got = sharding.create_sharded_state(init, key, sharding.create_mesh())
   want = jax.jit(init)(key)
