@@ -90,6 +90,7 @@ def validate_config(config) -> None:
     raise ValueError(f'config.data.test_to_unlabeled must be >= 0, got {config.data.test_to_unlabeled}.')
   if config.data.image_size <= 0:
     raise ValueError(f'config.data.image_size must be positive, got {config.data.image_size}.')
+  base.check_diff_channels(config.model.diff_channels)  # the score maps of AE, PCA, AnoGAN; the trivial map
   validate_method(config)  # the method's own checks, before anything (a prerequisite, say) is trained
 
 

@@ -163,3 +163,11 @@ def test_a_methods_own_batch_size_sizes_its_primary_stream_alone():
   c.method, c.anogan.batch_size = 'anogan', 0
   with pytest.raises(ValueError, match=r'config.anogan.batch_size must be positive'):
     restore.validate_config(c)
+
+
+def test_a_bad_channel_reduction_names_its_key():
+  c = synthetic.get_config('washer,smoke,method=pca')
+  restore.validate_config(c)
+  c.model.diff_channels = 'median'
+  with pytest.raises(ValueError, match=r"config.model.diff_channels must be one of \('mean', 'max'\), got 'median'"):
+    restore.validate_config(c)

@@ -127,7 +127,6 @@ def create(config, ctx: base.MethodContext) -> base.Method:
     raise ValueError(f'config.anogan.b1 must be in [0, 1), got {c.b1}.')
   if not 0 <= float(c.discrimination_weight) <= 1:
     raise ValueError(f'config.anogan.discrimination_weight must be in [0, 1], got {c.discrimination_weight}.')
-  base.check_diff_channels(config.model.diff_channels)
   dtype = base.compute_dtype(config.model.dtype)
   g_model = Generator(features=features, image_size=ctx.image_size, dtype=dtype)
   d_model = Discriminator(features=features, dtype=dtype)

@@ -108,7 +108,6 @@ def validate(config) -> None:
     raise ValueError(f'config.ae_augment must be one of {AUGMENT}, got {config.ae_augment!r}.')
   if config.model.diff_blur < 0:
     raise ValueError(f'config.model.diff_blur must be >= 0, got {config.model.diff_blur}.')
-  base.check_diff_channels(config.model.diff_channels)
   if config.ae_select not in SELECT:
     raise ValueError(f'config.ae_select must be one of {SELECT}, got {config.ae_select!r}.')
 

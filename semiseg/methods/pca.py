@@ -96,13 +96,11 @@ def create(config, ctx: base.MethodContext) -> base.Method:
     raise ValueError(f'config.pca.variance must be in (0, 1], got {variance}.')
   if num_components == 0 and max_components <= 0:
     raise ValueError(f'config.pca.max_components must be positive, got {max_components}.')
-  channels = config.model.diff_channels
-  base.check_diff_channels(channels)
   return base.Method(
       name='pca', streams=('unlabeled',), score_kind='anomaly',
       init=partial(init, image_size=ctx.image_size, num_components=num_components,
                    max_components=max_components),
       solve=partial(solve, image_size=ctx.image_size, texture=ctx.texture, num_components=num_components,
                   variance=variance, max_components=max_components),
-      score_map=partial(score_map, channels=channels),
+      score_map=partial(score_map, channels=config.model.diff_channels),
       reconstruct=reconstruct)

@@ -58,10 +58,10 @@ def test_pca_error_map_equals_numpy_svd():
   m, state, images = fitted_pca(k)
   x = images.reshape(len(images), -1).astype(np.float64) / 255
   mean, vt, _ = numpy_pca(x, k)
+  assert tiny_config('pca').model.diff_channels == 'max'  # the CPU preset's channel reduction
   for probe in (x, pca_images(5, seed=1).reshape(5, -1).astype(np.float64) / 255):  # train and unseen
     recon = np.clip((probe - mean) @ vt.T @ vt + mean, 0, 1)
     diff = np.abs(probe - recon).reshape(-1, SIZE, SIZE, 3)
-    assert tiny_config('pca').model.diff_channels == 'max'  # the CPU preset's channel reduction
     expected = diff.max(-1)
     got = np.asarray(m.score_map(state, jnp.asarray(probe.reshape(-1, SIZE, SIZE, 3), jnp.float32)))
     np.testing.assert_allclose(got, expected, atol=2e-5)
