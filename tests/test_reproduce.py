@@ -182,3 +182,19 @@ def test_fingerprint_ignores_other_methods_groups(tmp_path):
   config.consistency.weight = 3.0
   assert reproduce.fingerprint(cell('unet')) == before['unet']
   assert reproduce.fingerprint(cell('pi_model')) != before['pi_model']
+
+
+def test_the_ae_cell_does_not_depend_on_the_unets_learning_rate(tmp_path):
+  """With ae_learning_rate set, the U-Net family's rate is not the AE's: changing it keeps the AE cell
+  (its config trains at ae_learning_rate, and its fingerprint is unchanged), while the U-Net's changes."""
+  config = smoke_config()
+  config.ae_learning_rate = 2e-3
+  cell = lambda m: reproduce.cell_config(config, reproduce.Cell('synthetic_defects', 'washer', 0, m),
+                                         str(tmp_path))
+  assert cell('ae').optim.learning_rate == 2e-3
+  before = {m: reproduce.fingerprint(cell(m)) for m in ('ae', 'unet')}
+  config.optim.learning_rate = 4e-3
+  assert reproduce.fingerprint(cell('ae')) == before['ae']
+  assert reproduce.fingerprint(cell('unet')) != before['unet']
+  config.ae_learning_rate = 1e-3
+  assert reproduce.fingerprint(cell('ae')) != before['ae']

@@ -105,7 +105,7 @@ def init(key: jax.Array, *, model: UNet, tx, image_size: int, in_channels: int, 
 
 def ae_config(config) -> config_dict.ConfigDict:
   """The AE that ae_unet uses: its own config as method 'ae' (same data, seed and sizes), trained for
-  ``ae_num_train_steps`` at batch ``ae_batch_size`` when they are set."""
+  ``ae_num_train_steps`` at batch ``ae_batch_size`` and rate ``ae_learning_rate`` when they are set."""
   ae = config_dict.ConfigDict(config.to_dict(), type_safe=False)
   ae.method = 'ae'
   if config.get('ae_num_train_steps'):
@@ -115,6 +115,10 @@ def ae_config(config) -> config_dict.ConfigDict:
       raise ValueError(f'config.ae_batch_size must be a positive batch size (or unset: config.batch_size), '
                        f'got {config.ae_batch_size}.')
     ae.batch_size = config.ae_batch_size
+  if config.get('ae_learning_rate'):
+    # The AE's own rate as its optim.learning_rate: the AE's config (and a reproduce cell's fingerprint)
+    # then no longer depends on the U-Net's rate, so changing that one does not retrain the AE.
+    ae.optim.learning_rate = float(config.ae_learning_rate)
   return ae
 
 
