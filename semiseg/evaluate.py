@@ -133,6 +133,46 @@ def trivial_quality(data, num_bins: int, channels: str = 'mean') -> dict:
   return out
 
 
+# Variance of uint8 rounding, (1/255)^2 / 12 per channel: added to the colour covariance, so a category
+# whose normal colours vary along fewer than 3 directions (a gray photograph times a tint) stays invertible.
+ROUNDING_VARIANCE = (1.0 / 255.0) ** 2 / 12.0
+
+
+def colour_whitener(images_uint8: np.ndarray, mean_HxWx3: np.ndarray, chunk: int = 16) -> np.ndarray:
+  """W = S^(-1/2) ([3, 3]), S the covariance of the colour deviations I - M over every pixel of
+  ``images_uint8`` (float64, accumulated in chunks of images) plus the rounding variance."""
+  s, n = np.zeros((3, 3)), 0
+  for start in range(0, len(images_uint8), chunk):
+    d = (images_uint8[start:start + chunk].astype(np.float64) / 255.0 - mean_HxWx3).reshape(-1, 3)
+    s += d.T @ d
+    n += len(d)
+  cov = s / max(n, 1) + ROUNDING_VARIANCE * np.eye(3)
+  eigval, eigvec = np.linalg.eigh(cov)
+  return (eigvec / np.sqrt(eigval)) @ eigvec.T
+
+
+def colour_distance(images_uint8: np.ndarray, mean_HxWx3: np.ndarray, whitener_3x3: np.ndarray) -> np.ndarray:
+  """Each pixel's Mahalanobis distance r = |W (I - M)| from the mean image, mapped to [0, 1) as r / (1 + r)
+  (monotone, so rankings are r's) for the metrics' [0, 1] histograms ([N, H, W])."""
+  d = images_uint8.astype(np.float32) / 255.0 - mean_HxWx3.astype(np.float32)
+  r = np.sqrt(np.square(d @ whitener_3x3.T.astype(np.float32)).sum(-1))
+  return r / (1.0 + r)
+
+
+def colour_quality(data, num_bins: int) -> dict:
+  """Threshold-free metrics of the colour yardstick, |W (I - M)|, on the test split and the labeled
+  images: how far defects stand out by their colour alone, seen against the normal images' colour
+  spread. Where normal colours vary along one direction (the embedded textures), any defect that adds
+  a colour is an outlier here, with no learning at all."""
+  mean = mean_image(data.unlabeled)
+  w = colour_whitener(data.unlabeled.images, mean)
+  out = {}
+  for name, split in (('test', data.test), ('train', data.labeled)):
+    res, _ = metrics_at(colour_distance(split.images, mean, w), split, 0.5, num_bins)
+    out[name] = {k: res[k] for k in THRESHOLD_FREE_D}
+  return out
+
+
 def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.MethodContext, mesh, config,
              workdir: str | None = None, time_it: bool = True,
              score_sink: Callable[[str, np.ndarray], None] | None = None, extra: dict | None = None) -> dict:
@@ -143,7 +183,8 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
   ``oracle`` threshold is reported alongside, under that name, never as the main number.
   ``score_sink(split_name, scores_NxHxW)``, when given, sees the 'test' and 'train' score maps
   (figures and overlays without scoring a second time). A method with a difference image to watch
-  (``method.monitor``: the AE) also gets ``trivial``, the same metrics of |I - M|. ``extra`` is merged
+  (``method.monitor``: the AE) also gets ``trivial``, the same metrics of |I - M|, and ``colour``, those of
+  the colour yardstick |W (I - M)| (``colour_quality``). ``extra`` is merged
   into the result (e.g. the training health).
   """
   num_bins = int(config.get('num_bins', 1000))
@@ -183,6 +224,7 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
     out['recon_error_good'] = float(np.abs(images.astype(np.float32) / 255.0 - recon).mean())
   if method.monitor is not None and method.score_kind == 'anomaly':  # D's yardstick: the AE, not Mean Teacher
     out['trivial'] = trivial_quality(data, num_bins, config.model.diff_channels)
+    out['colour'] = colour_quality(data, num_bins)
   out.update(extra or {})
   if time_it and len(data.test):
     out['ms_per_image'] = {

@@ -60,9 +60,10 @@ def rows_from_eval(ev: dict, dataset: str, category: str, method: str, variant: 
   return out
 
 
-# diff_quality.csv: the AE's difference image D against the trivial |I - M| (M: mean unlabeled image).
+# diff_quality.csv: the AE's difference image D against the trivial |I - M| (M: mean unlabeled image) and
+# the colour yardstick |W (I - M)| (W whitens the unlabeled images' colour deviations; evaluate.colour_quality).
 DIFF_QUALITY_COLUMNS = ('dataset', 'category', 'seed', 'split', 'pixel_auroc', 'pixel_ap', 'aupro',
-                        'trivial_auroc', 'trivial_ap')
+                        'trivial_auroc', 'trivial_ap', 'colour_auroc', 'colour_ap')
 
 
 def diff_quality_rows(ev: dict, dataset: str, category: str, seed: int) -> list[dict]:
@@ -70,18 +71,20 @@ def diff_quality_rows(ev: dict, dataset: str, category: str, seed: int) -> list[
   out = []
   for split, key in (('test', 'test'), ('labeled', 'train')):
     d, t = ev[key], (ev.get('trivial') or {}).get(key) or {}
+    c = (ev.get('colour') or {}).get(key) or {}  # absent in eval.json files written before it
     out.append(dict(dataset=dataset, category=category, seed=int(seed), split=split,
                     pixel_auroc=number(d.get('pixel_auroc')), pixel_ap=number(d.get('pixel_ap')),
                     aupro=number(d.get('aupro')), trivial_auroc=number(t.get('pixel_auroc')),
-                    trivial_ap=number(t.get('pixel_ap'))))
+                    trivial_ap=number(t.get('pixel_ap')), colour_auroc=number(c.get('pixel_auroc')),
+                    colour_ap=number(c.get('pixel_ap'))))
   return out
 
 
 def diff_quality_table(rows: list[dict]) -> str:
   """Category x (D and |I - M| pixel AUROC and AP on test, D's AUROC on the labeled images), mean ± std."""
   categories = ordered_categories(rows)
-  cols = (('test', 'pixel_auroc'), ('test', 'trivial_auroc'), ('test', 'pixel_ap'), ('test', 'trivial_ap'),
-          ('test', 'aupro'), ('labeled', 'pixel_auroc'), ('labeled', 'trivial_auroc'))
+  cols = (('test', 'pixel_auroc'), ('test', 'trivial_auroc'), ('test', 'colour_auroc'), ('test', 'pixel_ap'),
+          ('test', 'trivial_ap'), ('test', 'aupro'), ('labeled', 'pixel_auroc'), ('labeled', 'trivial_auroc'))
 
   def cell(category, split, metric):
     vals = [r[metric] for r in rows if r['split'] == split and (category is None or r['category'] == category)]
@@ -94,7 +97,7 @@ def diff_quality_table(rows: list[dict]) -> str:
     return fmt(stat(vals))
   body = [[c] + [cell(c, s, m) for s, m in cols] for c in categories]
   body.append(['**mean**'] + [cell(None, s, m) for s, m in cols])
-  return markdown_table(['category', 'D AUROC', '|I − M| AUROC', 'D AP', '|I − M| AP', 'D AUPRO',
+  return markdown_table(['category', 'D AUROC', '|I − M| AUROC', 'colour AUROC', 'D AP', '|I − M| AP', 'D AUPRO',
                          'D AUROC (labeled)', '|I − M| AUROC (labeled)'], body)
 
 
@@ -396,7 +399,10 @@ def build_markdown(*, dataset: str, rows: list[dict], timing: list[dict], counts
     out += ['## Difference image', '',
             'How well the AE\'s difference image D = |I − AE(I)| (reduced over channels by `config.model.diff_channels`) ranks defect pixels, against '
             'the trivial |I − M| (reduced alike), M the per-pixel mean of the unlabeled images: a D that does not beat it adds '
-            'nothing a mean image would not. Pixel AUROC and AP on the test split, AUPRO (FPR ≤ 0.3), and '
+            'nothing a mean image would not. The colour yardstick |W (I − M)| is each pixel\'s Mahalanobis distance from M, '
+            'W whitening the unlabeled images\' colour deviations: how far the defects stand out by colour alone (where normal '
+            'colours vary along one direction, as in the embedded textures, it finds every defect that adds a colour). '
+            'Pixel AUROC and AP on the test split, AUPRO (FPR ≤ 0.3), and '
             'AUROC on the labeled images (what `config.ae_select=labeled_auroc` selects by). Raw numbers: '
             '`diff_quality.csv`.', '', diff_quality_table(diff_rows), '']
   if recon_rows:

@@ -151,3 +151,27 @@ def test_timing_skips_the_warm_up_of_a_run_batch_size_and_stops_at_its_budget(mo
   calls.clear()
   assert scorer.time_per_image(images, 1, budget_s=10.0) == pytest.approx(50.0)
   assert calls == [1, 1, 1, 1]  # not run before: warm-up + 3 repeats
+
+
+def test_colour_distance_is_the_mahalanobis_distance_from_the_mean_image():
+  """|W (I - M)| against scipy's Mahalanobis distance under the pooled covariance (+ the rounding
+  variance), and the case it exists for: normal colours on one line (grey times a tint), a defect of
+  the same brightness but another hue stands far out, although |I - M| sees it no more than texture."""
+  from scipy.spatial import distance
+  rng = np.random.default_rng(0)
+  tint = np.array([0.72, 1.0, 0.55])
+  grey = rng.uniform(40, 220, (12, SIZE, SIZE, 1))
+  normal = np.round(grey * tint).astype(np.uint8)
+  mean = normal.astype(np.float64).mean(0) / 255.0
+  w = evaluate.colour_whitener(normal, mean, chunk=5)
+  d = (normal / 255.0 - mean).reshape(-1, 3)
+  cov = d.T @ d / len(d) + evaluate.ROUNDING_VARIANCE * np.eye(3)
+  np.testing.assert_allclose(w @ cov @ w.T, np.eye(3), atol=1e-6)
+  image = normal[:1].copy()
+  image[0, 3, 3] = np.clip(np.round(image[0, 3, 3] + np.array([15, -15, 15])), 0, 255).astype(np.uint8)
+  got = evaluate.colour_distance(image, mean, w)[0]
+  vi = np.linalg.inv(cov)
+  want = np.array([[distance.mahalanobis(image[0, y, x] / 255.0, mean[y, x], vi) for x in range(SIZE)]
+                   for y in range(SIZE)])
+  np.testing.assert_allclose(got, want / (1 + want), rtol=1e-4)
+  assert want[3, 3] > 5 * np.delete(want.ravel(), 3 * SIZE + 3).max()  # the hue shift is the outlier

@@ -6,10 +6,11 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.spatial import distance
 from sklearn.metrics import roc_auc_score
 
 from configs import reproduce as reproduce_config
-from semiseg import fileio, report, reproduce, train
+from semiseg import evaluate, fileio, report, reproduce, train
 
 CELLS = ('ae', 'unet', 'ae_unet', 'unet_no_aug', 'ae_unet_diff')
 
@@ -76,6 +77,14 @@ def test_diff_quality_csv_and_table_against_an_independent_auroc(repro):
     expected = roc_auc_score(part.masks[..., 0].ravel().astype(bool), trivial.ravel())
     got = next(r for r in rows if r['split'] == split)
     assert got['trivial_auroc'] == pytest.approx(expected, abs=2e-3), split
+    # The colour yardstick: scipy's Mahalanobis distance from M under the unlabeled pixels' colour
+    # covariance (+ the uint8 rounding variance), ranked by scikit-learn.
+    dev = (data.unlabeled.images / 255.0 - mean).reshape(-1, 3)
+    vi = np.linalg.inv(dev.T @ dev / len(dev) + evaluate.ROUNDING_VARIANCE * np.eye(3))
+    x = (part.images / 255.0 - mean).reshape(-1, 3)
+    colour = distance.cdist(x, np.zeros((1, 3)), 'mahalanobis', VI=vi)[:, 0]
+    expected = roc_auc_score(part.masks[..., 0].ravel().astype(bool), colour)
+    assert got['colour_auroc'] == pytest.approx(expected, abs=2e-3), split
     assert 0.0 <= got['pixel_auroc'] <= 1.0 and 0.0 <= got['pixel_ap'] <= 1.0
   text = open(result.report_path).read()
   assert '## Difference image' in text and '|I − M| AUROC' in text
