@@ -148,6 +148,8 @@ def get_base_config() -> config_dict.ConfigDict:
   # The AE's own augmentation: 'same' (config.augment), 'flips' (no rotation/translation), 'none'.
   c.ae_augment = 'same'
   c.ae_learning_rate = config_dict.placeholder(float)  # unset: config.optim.learning_rate
+  # The AE's own x decay_rate interval; unset: config.optim's (decay_every_steps, else decay_every_epochs).
+  c.ae_decay_every_steps = config_dict.placeholder(int)
   # Which AE checkpoint ae_unet (and the ae cell) use: 'last', or 'labeled_auroc' = the one whose D
   # ranks the labeled images' defect pixels best (pixel AUROC, measured at every log step). 'last' by
   # measurement (README, "Choosing the AE checkpoint"): at the CPU config both pick the same AE on washer
@@ -203,6 +205,7 @@ def smoke(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
   c.anogan.num_train_steps = None
   c.anogan.batch_size = None
   c.optim.decay_every_steps = None
+  c.ae_decay_every_steps = None
   c.log_every_steps = 2
   c.ckpt.every_steps = 2
   c.model.ae_features = (8, 16)
@@ -253,6 +256,9 @@ def cpu(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
   c.ae_augment = 'none'
   c.ae_num_train_steps = 2000
   c.ae_learning_rate = 2e-3
+  # The AE's schedule is its own (x0.8 every 135 of its 2000 steps), so a change of the U-Net family's
+  # schedule (optim.decay_every_steps) reuses the trained AE instead of retraining it on another one.
+  c.ae_decay_every_steps = 135
   c.model.diff_blur = 1.0
   # Score maps take the channel max of |I - reconstruction|: the colour defects (pcb's 'color', washer's
   # 'stain') show in one channel, which the mean divides by 3. Same AEs (2000 steps, seed 0), test pixel

@@ -207,3 +207,36 @@ def test_the_ae_cell_does_not_depend_on_the_unets_learning_rate(tmp_path):
   assert reproduce.fingerprint(cell('unet')) != before['unet']
   config.ae_learning_rate = 1e-3
   assert reproduce.fingerprint(cell('ae')) != before['ae']
+
+
+def test_the_ae_cell_does_not_depend_on_the_unets_schedule(tmp_path):
+  """With ae_decay_every_steps set, the U-Net family's decay interval is not the AE's: changing it keeps
+  the AE cell, whose optimizer drops x decay_rate every ae_decay_every_steps (by hand below); a
+  non-positive value names the key."""
+  import optax
+  from semiseg.methods import autoencoder, base
+  config = smoke_config()
+  config.ae_decay_every_steps = 3
+  cell = lambda m: reproduce.cell_config(config, reproduce.Cell('synthetic_defects', 'washer', 0, m),
+                                         str(tmp_path))
+  assert cell('ae').optim.decay_every_steps == 3
+  before = {m: reproduce.fingerprint(cell(m)) for m in ('ae', 'unet')}
+  config.optim.decay_every_steps = 7
+  assert reproduce.fingerprint(cell('ae')) == before['ae']
+  assert reproduce.fingerprint(cell('unet')) != before['unet']
+  ctx = base.MethodContext(image_size=32, texture=False, steps_per_epoch=1000)
+  direct = config.copy_and_resolve_references()  # the AE trained on its own: experiments.train, method=ae
+  direct.method = 'ae'
+  for ae_config in (cell('ae'), direct):
+    tx = autoencoder.create(ae_config, ctx).train_step.keywords['tx']
+    params = {'w': np.zeros(())}
+    state, lr = tx.init(params), []
+    for _ in range(7):  # Adam's update of a constant unit gradient is the rate itself
+      upd, state = tx.update({'w': np.ones(())}, state, params)
+      lr.append(-float(upd['w']))
+    rate = float(ae_config.ae_learning_rate or ae_config.optim.learning_rate)
+    np.testing.assert_allclose(lr[:3], [rate] * 3, rtol=1e-3)
+    np.testing.assert_allclose(lr[3:6], [rate * config.optim.decay_rate] * 3, rtol=1e-3)
+  config.ae_decay_every_steps = 0
+  with pytest.raises(ValueError, match='config.ae_decay_every_steps'):
+    cell('ae')

@@ -105,7 +105,8 @@ def init(key: jax.Array, *, model: UNet, tx, image_size: int, in_channels: int, 
 
 def ae_config(config) -> config_dict.ConfigDict:
   """The AE that ae_unet uses: its own config as method 'ae' (same data, seed and sizes), trained for
-  ``ae_num_train_steps`` at batch ``ae_batch_size`` and rate ``ae_learning_rate`` when they are set."""
+  ``ae_num_train_steps`` at batch ``ae_batch_size``, rate ``ae_learning_rate`` and decay interval
+  ``ae_decay_every_steps`` when they are set."""
   ae = config_dict.ConfigDict(config.to_dict(), type_safe=False)
   ae.method = 'ae'
   if config.get('ae_num_train_steps'):
@@ -119,6 +120,9 @@ def ae_config(config) -> config_dict.ConfigDict:
     # The AE's own rate as its optim.learning_rate: the AE's config (and a reproduce cell's fingerprint)
     # then no longer depends on the U-Net's rate, so changing that one does not retrain the AE.
     ae.optim.learning_rate = float(config.ae_learning_rate)
+  if config.get('ae_decay_every_steps') is not None:
+    # Likewise the AE's schedule: the U-Net family's optim.decay_every_steps then no longer reaches it.
+    ae.optim.decay_every_steps = autoencoder.decay_every_steps(config, None)
   return ae
 
 

@@ -140,10 +140,21 @@ SELECT = ('last', 'labeled_auroc')
 MONITOR = 'diff_auroc_labeled'  # pixel AUROC of the score map on the labeled images, at log steps
 
 
+def decay_every_steps(config, ctx: base.MethodContext) -> int:
+  """The AE's steps between two x decay_rate drops: config.ae_decay_every_steps when set, else the run's."""
+  steps = config.get('ae_decay_every_steps')
+  if steps is None:
+    return base.decay_every_steps(config, ctx)
+  if int(steps) <= 0:
+    raise ValueError(f'config.ae_decay_every_steps must be positive (or unset: config.optim\'s schedule), '
+                     f'got {steps}.')
+  return int(steps)
+
+
 def create(config, ctx: base.MethodContext) -> base.Method:
   model = create_model(config)
   lr = config.ae_learning_rate or config.optim.learning_rate
-  tx = base.create_optimizer(lr, config.optim.decay_rate, base.decay_every_steps(config, ctx))
+  tx = base.create_optimizer(lr, config.optim.decay_rate, decay_every_steps(config, ctx))
   spec = ae_augment_spec(config, ctx)
   sigma = float(config.model.diff_blur)
   reconstruction_loss(jnp.zeros((1, 16, 16, 1)), jnp.zeros((1, 16, 16, 1)), config.model.ae_loss)  # validate
