@@ -153,9 +153,9 @@ def get_base_config() -> config_dict.ConfigDict:
   # Which AE checkpoint ae_unet (and the ae cell) use: 'last', or 'labeled_auroc' = the one whose D
   # ranks the labeled images' defect pixels best (pixel AUROC, measured at every log step). 'last' by
   # measurement (README, "Choosing the AE checkpoint"): at the CPU config both pick the same AE on washer
-  # and pcb, and nearly so on brick (step 1920 of 2000); on grass the selection lifts D from 0.711 to 0.792 (three seeds; an early AE that has
-  # not yet learned to reproduce the holes), on gravel it costs 0.008, and
-  # AE + U-Net on grass gained 0.03, inside its seeds' spread and still below the U-Net.
+  # and pcb, and nearly so on brick (step 1920 of 2000); on grass the selection lifts D from 0.711 to
+  # 0.792 (three seeds; an early AE that has not yet learned to reproduce the holes), on gravel it costs
+  # 0.008, and AE + U-Net on grass gained 0.03, inside its seeds' spread and still below the U-Net.
   c.ae_select = 'last'
   c.ae_allow_collapsed = False  # ae_unet on an AE whose training collapsed: refused unless True
   c.ae_workdir = config_dict.placeholder(str)  # ae_unet: trained AE; unset: <workdir>/ae, trained first

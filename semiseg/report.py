@@ -81,7 +81,8 @@ def diff_quality_rows(ev: dict, dataset: str, category: str, seed: int) -> list[
 
 
 def diff_quality_table(rows: list[dict]) -> str:
-  """Category x (D and |I - M| pixel AUROC and AP on test, D's AUROC on the labeled images), mean ± std."""
+  """Category x (D, |I - M| and colour-yardstick pixel AUROC, D and |I - M| AP on test, D's AUROC on the
+  labeled images), mean ± std."""
   categories = ordered_categories(rows)
   cols = (('test', 'pixel_auroc'), ('test', 'trivial_auroc'), ('test', 'colour_auroc'), ('test', 'pixel_ap'),
           ('test', 'trivial_ap'), ('test', 'aupro'), ('labeled', 'pixel_auroc'), ('labeled', 'trivial_auroc'))

@@ -213,7 +213,6 @@ def test_the_ae_cell_does_not_depend_on_the_unets_schedule(tmp_path):
   """With ae_decay_every_steps set, the U-Net family's decay interval is not the AE's: changing it keeps
   the AE cell, whose optimizer drops x decay_rate every ae_decay_every_steps (by hand below); a
   non-positive value names the key."""
-  import optax
   from semiseg.methods import autoencoder, base
   config = smoke_config()
   config.ae_decay_every_steps = 3
