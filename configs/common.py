@@ -134,6 +134,9 @@ def get_base_config() -> config_dict.ConfigDict:
   # Defect-pixel prior for the U-Net head's initial bias (0.5 = zero bias). Defects are ~1 % of the
   # pixels; starting there skips the first hundreds of steps spent learning "all background".
   c.model.unet_prior = 0.01
+  # 'none': the paper's U-Net (plain 3x3 convolutions and ReLUs); 'group': GroupNorm after each 3x3
+  # convolution, for every U-Net method alike (unet, pi_model, mean_teacher, ae_unet).
+  c.model.unet_norm = 'none'
   c.model.unet_input = 'image+diff'  # ae_unet: 'image' | 'diff' | 'image+diff' (Table 4)
   c.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
 

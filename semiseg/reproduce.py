@@ -33,8 +33,12 @@ GRID_KEYS = ('categories', 'methods', 'seeds', 'ablations', 'overlay_category', 
 # Run config keys that do not change a cell's result (paths, logging, checkpoint cadence; and the
 # prerequisites' workdirs, _prerequisite_keys).
 _NOT_FINGERPRINTED = ('data.root', 'data.data_dir', 'data.prefetch', 'log_every_steps', 'ckpt')
-# Config groups read by some methods only: a change there does not make the other cells stale.
-_METHOD_GROUPS = {'pca': ('pca',), 'anogan': ('anogan',), 'consistency': ('pi_model', 'mean_teacher')}
+# Config groups and keys read by some methods only: a change there does not make the other cells stale
+# (a U-Net setting does not retrain the AE, PCA or AnoGAN cells of the same grid).
+_UNET_FAMILY = ('unet', 'pi_model', 'mean_teacher', 'ae_unet')
+_METHOD_GROUPS = {'pca': ('pca',), 'anogan': ('anogan',), 'consistency': ('pi_model', 'mean_teacher'),
+                  **{f'model.unet_{k}': _UNET_FAMILY for k in ('features', 'depth', 'prior', 'norm')},
+                  'model.unet_input': ('ae_unet',)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -193,6 +193,21 @@ def test_fingerprint_ignores_other_methods_groups(tmp_path):
   assert reproduce.fingerprint(cell('pi_model')) != before['pi_model']
 
 
+def test_a_unet_setting_keeps_the_ae_pca_and_anogan_cells(tmp_path):
+  """model.unet_* keys are read by the U-Net family only: changing one keeps the AE, PCA and AnoGAN
+  cells of a grid (their fingerprints) and makes every U-Net method's cell stale."""
+  config = smoke_config()
+  cell = lambda m: reproduce.cell_config(config, reproduce.Cell('synthetic_defects', 'washer', 0, m),
+                                         str(tmp_path))
+  names = ('ae', 'pca', 'anogan', 'unet', 'pi_model', 'mean_teacher', 'ae_unet')
+  before = {m: reproduce.fingerprint(cell(m)) for m in names}
+  config.model.unet_norm = 'group'
+  after = {m: reproduce.fingerprint(cell(m)) for m in names}
+  assert [m for m in names if after[m] != before[m]] == ['unet', 'pi_model', 'mean_teacher', 'ae_unet']
+  config.model.unet_input = 'diff'  # read by ae_unet alone
+  assert [m for m in names if reproduce.fingerprint(cell(m)) != after[m]] == ['ae_unet']
+
+
 def test_the_ae_cell_does_not_depend_on_the_unets_learning_rate(tmp_path):
   """With ae_learning_rate set, the U-Net family's rate is not the AE's: changing it keeps the AE cell
   (its config trains at ae_learning_rate, and its fingerprint is unchanged), while the U-Net's changes."""

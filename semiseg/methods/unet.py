@@ -23,7 +23,7 @@ def create_model(config) -> UNet:
   if not 0.0 < prior < 1.0:
     raise ValueError(f'config.model.unet_prior must be in (0, 1), got {prior}.')
   return UNet(features=config.model.unet_features, depth=config.model.unet_depth,
-              dtype=base.compute_dtype(config.model.dtype),
+              dtype=base.compute_dtype(config.model.dtype), norm=config.model.unet_norm,
               head_bias_init=float(math.log(prior / (1.0 - prior))))
 
 

@@ -39,15 +39,30 @@ class UpConv2x2(nn.Module):
     return y + bias.astype(y.dtype)
 
 
+NORMS = ('none', 'group')
+
+
+def group_count(features: int) -> int:
+  """Groups of a GroupNorm over ``features`` channels: 8 channels a group (Wu and He 2018 found 8-16
+  channels a group as good as 32 groups), at least one group."""
+  return max(1, features // 8)
+
+
 class DoubleConv(nn.Module):
-  """Two padded 3x3 convolutions, each followed by a ReLU."""
+  """Two padded 3x3 convolutions, each followed by a ReLU; with ``norm='group'`` a GroupNorm sits
+  between each convolution and its ReLU (Conv -> GN -> ReLU, as BatchNorm does in common U-Nets)."""
   features: int
   dtype: Any = jnp.float32
+  norm: str = 'none'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    x = nn.relu(nn.Conv(self.features, (3, 3), padding='SAME', dtype=self.dtype)(x))
-    return nn.relu(nn.Conv(self.features, (3, 3), padding='SAME', dtype=self.dtype)(x))
+    for i in range(2):
+      x = nn.Conv(self.features, (3, 3), padding='SAME', dtype=self.dtype, name=f'Conv_{i}')(x)
+      if self.norm == 'group':
+        x = nn.GroupNorm(num_groups=group_count(self.features), dtype=self.dtype, name=f'GroupNorm_{i}')(x)
+      x = nn.relu(x)
+    return x
 
 
 class UNet(nn.Module):
@@ -62,6 +77,9 @@ class UNet(nn.Module):
   # Initial bias of the 1x1 head: log(p / (1 - p)) starts the network at a defect-pixel prior p
   # instead of 0.5 (Lin et al. 2017, RetinaNet); 0.0 is the plain zero init.
   head_bias_init: float = 0.0
+  # 'none': the paper's plain convolutions; 'group': GroupNorm after every 3x3 convolution (no batch
+  # statistics, so the function of one image does not depend on the rest of its batch).
+  norm: str = 'none'
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
@@ -70,17 +88,19 @@ class UNet(nn.Module):
     if h % (2 ** self.depth) or w % (2 ** self.depth):
       raise ValueError(f'U-Net input {h}x{w} is not divisible by 2**depth = {2 ** self.depth}: '
                        'set config.data.image_size to a multiple of it or lower config.model.unet_depth.')
+    if self.norm not in NORMS:
+      raise ValueError(f'config.model.unet_norm must be one of {NORMS}, got {self.norm!r}.')
     x = x_BxHxWxC.astype(self.dtype)
     skips = []
     for level in range(self.depth):
-      x = DoubleConv(self.features * 2 ** level, self.dtype, name=f'down_{level}')(x)
+      x = DoubleConv(self.features * 2 ** level, self.dtype, self.norm, name=f'down_{level}')(x)
       skips.append(x)
       x = max_pool_2x2(x)
-    x = DoubleConv(self.features * 2 ** self.depth, self.dtype, name='bottom')(x)
+    x = DoubleConv(self.features * 2 ** self.depth, self.dtype, self.norm, name='bottom')(x)
     for level in reversed(range(self.depth)):
       x = UpConv2x2(self.features * 2 ** level, self.dtype, name=f'upconv_{level}')(x)
       x = jnp.concatenate([skips[level], x.astype(skips[level].dtype)], axis=-1)
-      x = DoubleConv(self.features * 2 ** level, self.dtype, name=f'up_{level}')(x)
+      x = DoubleConv(self.features * 2 ** level, self.dtype, self.norm, name=f'up_{level}')(x)
     logits = nn.Conv(self.num_outputs, (1, 1), dtype=self.dtype, name='head',
                      bias_init=nn.initializers.constant(self.head_bias_init))(x)
     return logits.astype(jnp.float32)
