@@ -175,6 +175,8 @@ def test_torch_reference_has_the_same_parameter_count():
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(shape))
     return sum(x.size for x in jax.tree.leaves(params))
   assert torch_reference.count_params(torch_reference.UNet(6, 8, 3)) == count(UNet(8, 3), (1, 32, 32, 6))
+  assert (torch_reference.count_params(torch_reference.UNet(6, 8, 3, norm='group'))
+          == count(UNet(8, 3, norm='group'), (1, 32, 32, 6)))
   assert (torch_reference.count_params(torch_reference.ConvAutoencoder((4, 8), 7, 32))
           == count(ConvAutoencoder((4, 8), 7), (1, 32, 32, 3)))
 

@@ -16,23 +16,32 @@ from torch import nn
 
 
 class DoubleConv(nn.Sequential):
-  def __init__(self, cin: int, cout: int):
-    super().__init__(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
-                     nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(inplace=True))
+  """Two padded 3x3 convs with ReLUs; ``norm='group'``: a GroupNorm (8 channels a group) before each ReLU."""
+
+  def __init__(self, cin: int, cout: int, norm: str = 'none'):
+    layers = []
+    for c in (cin, cout):
+      layers.append(nn.Conv2d(c, cout, 3, padding=1))
+      if norm == 'group':
+        layers.append(nn.GroupNorm(max(1, cout // 8), cout, eps=1e-6))
+      layers.append(nn.ReLU(inplace=True))
+    super().__init__(*layers)
 
 
 class UNet(nn.Module):
   """Ronneberger's U-Net with padded convs, as ``semiseg.models.unet.UNet``."""
 
-  def __init__(self, in_channels: int = 6, features: int = 64, depth: int = 4, num_outputs: int = 1):
+  def __init__(self, in_channels: int = 6, features: int = 64, depth: int = 4, num_outputs: int = 1,
+               norm: str = 'none'):
     super().__init__()
     widths = [features * 2 ** level for level in range(depth + 1)]
-    self.down = nn.ModuleList(DoubleConv(cin, cout) for cin, cout in zip([in_channels] + widths[:-2], widths[:-1]))
+    self.down = nn.ModuleList(DoubleConv(cin, cout, norm)
+                              for cin, cout in zip([in_channels] + widths[:-2], widths[:-1]))
     self.pool = nn.MaxPool2d(2)
-    self.bottom = DoubleConv(widths[-2], widths[-1])
+    self.bottom = DoubleConv(widths[-2], widths[-1], norm)
     self.upconv = nn.ModuleList(nn.ConvTranspose2d(widths[level + 1], widths[level], 2, stride=2)
                                 for level in range(depth))
-    self.up = nn.ModuleList(DoubleConv(2 * widths[level], widths[level]) for level in range(depth))
+    self.up = nn.ModuleList(DoubleConv(2 * widths[level], widths[level], norm) for level in range(depth))
     self.head = nn.Conv2d(features, num_outputs, 1)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +100,7 @@ class TrainSteps:
   """
 
   def __init__(self, *, image_size: int, batch_size: int, unet_features: int, unet_depth: int,
-               ae_features: Sequence[int], latent_dim: int, device: str = 'cpu', channels_last: bool = False,
+               unet_norm: str = 'none', ae_features: Sequence[int], latent_dim: int, device: str = 'cpu', channels_last: bool = False,
                bf16: bool = False, compile: bool = False, cudnn_benchmark: bool = False,  # noqa: A002
                seed: int = 0):
     self.device, self.seed = device, seed
@@ -100,8 +109,8 @@ class TrainSteps:
     s = image_size
     self._build = {'ae': lambda: ConvAutoencoder(ae_features, latent_dim, s),
                    'frozen_ae': lambda: ConvAutoencoder(ae_features, latent_dim, s).eval().requires_grad_(False),
-                   'unet': lambda: UNet(3, unet_features, unet_depth),
-                   'ae_unet': lambda: UNet(6, unet_features, unet_depth)}
+                   'unet': lambda: UNet(3, unet_features, unet_depth, norm=unet_norm),
+                   'ae_unet': lambda: UNet(6, unet_features, unet_depth, norm=unet_norm)}
     self._nets: dict[str, nn.Module] = {}
     self.opts: dict[str, torch.optim.Optimizer] = {}
     g = torch.Generator().manual_seed(seed)
