@@ -88,6 +88,7 @@ def _torch_steps(config, torch: Torch, variant: Variant):
   m = config.model
   return torch_reference.TrainSteps(image_size=config.data.image_size, batch_size=config.batch_size,
                                     unet_features=m.unet_features, unet_depth=m.unet_depth, unet_norm=m.unet_norm,
+                                    ae_bottleneck=m.ae_bottleneck, ae_normalize=m.ae_normalize,
                                     ae_features=tuple(m.ae_features), latent_dim=m.latent_dim,
                                     device=torch.device, channels_last=variant.channels_last,
                                     bf16=variant.bf16, compile=variant.compile,

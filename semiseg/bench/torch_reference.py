@@ -58,11 +58,18 @@ class UNet(nn.Module):
 
 
 class ConvAutoencoder(nn.Module):
-  """Strided-conv encoder -> Linear(latent) -> mirrored decoder, as ``semiseg.models.autoencoder``."""
+  """Strided-conv encoder -> code -> mirrored decoder, as ``semiseg.models.autoencoder``: the paper's
+  dense code (``bottleneck='dense'``: Linear to ``latent_dim`` and back) or a spatial one (``'conv'``:
+  1x1 convolutions to ``latent_dim`` channels at the bottom resolution and back); ``normalize='image'``
+  standardizes each image per channel, (x - mean) / (std + 0.02), and maps the linear head's output
+  back (no sigmoid), as semiseg's ``config.model.ae_normalize``."""
 
   def __init__(self, features: Sequence[int] = (32, 64, 128, 256, 256), latent_dim: int = 500,
-               image_size: int = 256, channels: int = 3):
+               image_size: int = 256, channels: int = 3, bottleneck: str = 'dense', normalize: str = 'none'):
     super().__init__()
+    if bottleneck not in ('dense', 'conv') or normalize not in ('none', 'image'):
+      raise ValueError(f'unknown AE bottleneck {bottleneck!r} or normalize {normalize!r}')
+    self.bottleneck, self.normalize = bottleneck, normalize
     act = lambda: nn.LeakyReLU(0.2, inplace=True)  # noqa: E731
     layers, cin = [], channels
     for f in features:
@@ -71,18 +78,33 @@ class ConvAutoencoder(nn.Module):
     self.encoder = nn.Sequential(*layers)
     self.bottom = (features[-1], image_size // 2 ** len(features), image_size // 2 ** len(features))
     size = self.bottom[0] * self.bottom[1] * self.bottom[2]
-    self.to_latent = nn.Linear(size, latent_dim)
-    self.from_latent = nn.Sequential(nn.Linear(latent_dim, size), act())
+    if bottleneck == 'dense':
+      self.to_latent = nn.Linear(size, latent_dim)
+      self.from_latent = nn.Sequential(nn.Linear(latent_dim, size), act())
+    else:
+      self.to_latent = nn.Conv2d(features[-1], latent_dim, 1)
+      self.from_latent = nn.Sequential(nn.Conv2d(latent_dim, features[-1], 1), act())
     layers = []
     for f in list(reversed(features))[1:] + [features[0]]:
       layers += [nn.ConvTranspose2d(cin, f, 4, stride=2, padding=1), act(), nn.Conv2d(f, f, 3, padding=1), act()]
       cin = f
-    layers += [nn.Conv2d(cin, channels, 3, padding=1), nn.Sigmoid()]
+    layers.append(nn.Conv2d(cin, channels, 3, padding=1))
+    if normalize == 'none':
+      layers.append(nn.Sigmoid())
     self.decoder = nn.Sequential(*layers)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
-    z = self.to_latent(self.encoder(x).flatten(1))
-    return self.decoder(self.from_latent(z).view(-1, *self.bottom))
+    if self.normalize == 'image':
+      mean = x.mean(dim=(2, 3), keepdim=True)
+      scale = x.std(dim=(2, 3), keepdim=True, unbiased=False) + 0.02
+      x = (x - mean) / scale
+    h = self.encoder(x)
+    if self.bottleneck == 'dense':
+      h = self.from_latent(self.to_latent(h.flatten(1))).view(-1, *self.bottom)
+    else:
+      h = self.from_latent(self.to_latent(h))
+    out = self.decoder(h)
+    return mean + scale * out if self.normalize == 'image' else out
 
 
 def count_params(module: nn.Module) -> int:
@@ -100,15 +122,18 @@ class TrainSteps:
   """
 
   def __init__(self, *, image_size: int, batch_size: int, unet_features: int, unet_depth: int,
-               unet_norm: str = 'none', ae_features: Sequence[int], latent_dim: int, device: str = 'cpu', channels_last: bool = False,
+               unet_norm: str = 'none', ae_bottleneck: str = 'dense', ae_normalize: str = 'none',
+               ae_features: Sequence[int], latent_dim: int, device: str = 'cpu', channels_last: bool = False,
                bf16: bool = False, compile: bool = False, cudnn_benchmark: bool = False,  # noqa: A002
                seed: int = 0):
     self.device, self.seed = device, seed
     self.channels_last, self.bf16, self.compile = channels_last, bf16, compile
     self.cudnn_benchmark = cudnn_benchmark
     s = image_size
-    self._build = {'ae': lambda: ConvAutoencoder(ae_features, latent_dim, s),
-                   'frozen_ae': lambda: ConvAutoencoder(ae_features, latent_dim, s).eval().requires_grad_(False),
+    ae = lambda: ConvAutoencoder(ae_features, latent_dim, s, bottleneck=ae_bottleneck,  # noqa: E731
+                                 normalize=ae_normalize)
+    self._build = {'ae': ae,
+                   'frozen_ae': lambda: ae().eval().requires_grad_(False),
                    'unet': lambda: UNet(3, unet_features, unet_depth, norm=unet_norm),
                    'ae_unet': lambda: UNet(6, unet_features, unet_depth, norm=unet_norm)}
     self._nets: dict[str, nn.Module] = {}
