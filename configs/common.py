@@ -246,7 +246,7 @@ def cpu(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
   # loss still -16 to -47 % over the last fifth). With it (three seeds each, test defect IoU, plain ->
   # group): U-Net washer 0.236 -> 0.230, brick 0.266 -> 0.632, pcb 0.055 -> 0.132, grass 0.449 -> 0.468,
   # gravel 0.096 -> 0.234; AE + U-Net washer 0.339 -> 0.386, brick 0.556 -> 0.623, pcb 0.370 -> 0.479
-  # (README: "The U-Net's normalization"). The base (paper) config keeps the plain U-Net.
+  # (README: "The U-Net family's normalization"). The base (paper) config keeps the plain U-Net.
   c.model.unet_norm = 'group'
   # Every U-Net method (unet, ae_unet, pi_model, mean_teacher): 800 steps at 1e-3, x0.8 every 135 steps
   # (2.5 epochs of the embedded categories' 210 unlabeled images at batch 4), so the rate decays 5 times.

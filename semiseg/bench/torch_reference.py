@@ -14,6 +14,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from semiseg.models.autoencoder import NORMALIZE_EPS
+from semiseg.models.unet import group_count
+
 
 class DoubleConv(nn.Sequential):
   """Two padded 3x3 convs with ReLUs; ``norm='group'``: a GroupNorm (8 channels a group) before each ReLU."""
@@ -23,7 +26,7 @@ class DoubleConv(nn.Sequential):
     for c in (cin, cout):
       layers.append(nn.Conv2d(c, cout, 3, padding=1))
       if norm == 'group':
-        layers.append(nn.GroupNorm(max(1, cout // 8), cout, eps=1e-6))
+        layers.append(nn.GroupNorm(group_count(cout), cout, eps=1e-6))  # Flax's GroupNorm eps
       layers.append(nn.ReLU(inplace=True))
     super().__init__(*layers)
 
@@ -96,7 +99,7 @@ class ConvAutoencoder(nn.Module):
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     if self.normalize == 'image':
       mean = x.mean(dim=(2, 3), keepdim=True)
-      scale = x.std(dim=(2, 3), keepdim=True, unbiased=False) + 0.02
+      scale = x.std(dim=(2, 3), keepdim=True, unbiased=False) + NORMALIZE_EPS
       x = (x - mean) / scale
     h = self.encoder(x)
     if self.bottleneck == 'dense':
