@@ -225,6 +225,7 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
   if method.monitor is not None and method.score_kind == 'anomaly':  # D's yardstick: the AE, not Mean Teacher
     out['trivial'] = trivial_quality(data, num_bins, config.model.diff_channels)
     out['colour'] = colour_quality(data, num_bins)
+  out.update(method.info or {})
   out.update(extra or {})
   if time_it and len(data.test):
     out['ms_per_image'] = {

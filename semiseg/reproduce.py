@@ -38,7 +38,8 @@ _NOT_FINGERPRINTED = ('data.root', 'data.data_dir', 'data.prefetch', 'log_every_
 _UNET_FAMILY = ('unet', 'pi_model', 'mean_teacher', 'ae_unet')
 _METHOD_GROUPS = {'pca': ('pca',), 'anogan': ('anogan',), 'consistency': ('pi_model', 'mean_teacher'),
                   **{f'model.unet_{k}': _UNET_FAMILY for k in ('features', 'depth', 'prior', 'norm')},
-                  'model.unet_input': ('ae_unet',)}
+                  'model.unet_input': ('ae_unet',), 'model.diff_dropout': ('ae_unet',),
+                  'model.diff_gate': ('ae_unet',)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -153,7 +153,8 @@ def build(config, workdir: str | None, mesh=None, data: pipeline.CategoryData | 
   trained = resolve_prerequisites(config, workdir, mesh, data)
   steps_per_epoch, total = schedule(config, len(data.unlabeled))
   ctx = base.MethodContext(image_size=config.data.image_size, texture=data.texture,
-                           steps_per_epoch=steps_per_epoch, unlabeled=data.unlabeled.images)
+                           steps_per_epoch=steps_per_epoch, unlabeled=data.unlabeled.images,
+                           labeled=data.labeled)
   method = create_method(config, ctx, trained)
   for stream, size in stream_batch_sizes(config, method.streams).items():
     key = primary_batch_key(config) if stream == method.streams[0] else 'config.unlabeled_batch_size'

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from ml_collections import config_dict
 
-from semiseg import augment
+from semiseg import augment, curves
 from semiseg.methods import autoencoder, base, unet
 from semiseg.models.autoencoder import ConvAutoencoder
 from semiseg.models.unet import UNet
@@ -27,6 +27,10 @@ DIFF_ON = ('warped', 'stored')
 # unlabeled images ('p99', fixed when the method is created), so a defect's D is ~1 next to the image's
 # [0, 1] whatever the category's reconstruction error.
 DIFF_SCALE = ('none', 'p99')
+# Whether D enters at all: always ('none', the paper), or only when D ranks the labeled images' defect
+# pixels better than the trivial |I - M| does ('trivial'; M the mean unlabeled image). The labeled images
+# are training data, so the decision uses no test label; a closed gate feeds D as zeros.
+DIFF_GATE = ('none', 'trivial')
 
 
 def validate(config) -> None:
@@ -38,15 +42,21 @@ def validate(config) -> None:
     raise ValueError(f'config.model.diff_scale must be one of {DIFF_SCALE}, got {config.model.diff_scale!r}.')
   if config.model.diff_on not in DIFF_ON:
     raise ValueError(f'config.model.diff_on must be one of {DIFF_ON}, got {config.model.diff_on!r}.')
+  if config.model.get('diff_gate', 'none') not in DIFF_GATE:
+    raise ValueError(f'config.model.diff_gate must be one of {DIFF_GATE}, got {config.model.diff_gate!r}.')
+  p = config.model.get('diff_dropout', 0.0)
+  if not 0.0 <= float(p) < 1.0:
+    raise ValueError(f'config.model.diff_dropout is the probability that a training image\'s D is zeroed, in '
+                     f'[0, 1); got {p!r}.')
 
 
 def unet_input(images_BxHxWx3: jax.Array, ae_params, ae_model: ConvAutoencoder, mode: str,
-               sigma: float = 0.0, scale: float = 1.0) -> jax.Array:
-  """The U-Net's input for an ablation mode; D (divided by ``scale``) comes from the frozen AE (no
-  gradient reaches it)."""
+               sigma: float = 0.0, scale: float = 1.0, gate: float = 1.0) -> jax.Array:
+  """The U-Net's input for an ablation mode; D (divided by ``scale``, times ``gate``) comes from the
+  frozen AE (no gradient reaches it)."""
   if mode == 'image':
     return images_BxHxWx3
-  diff = jax.lax.stop_gradient(autoencoder.difference(ae_params, images_BxHxWx3, ae_model, sigma)) / scale
+  diff = jax.lax.stop_gradient(autoencoder.difference(ae_params, images_BxHxWx3, ae_model, sigma)) * (gate / scale)
   if mode == 'diff':
     return diff
   return jnp.concatenate([images_BxHxWx3, diff], axis=-1)
@@ -62,12 +72,20 @@ def stored_difference(images_BxHxWx3: jax.Array, ae_params, ae_model: ConvAutoen
   return augment.from_tiles(tiles, b, h, w)
 
 
+def drop_difference(key: jax.Array, inputs_BxHxWxC: jax.Array, rate: float) -> jax.Array:
+  """Zeroes D (channels 3:) of each image of an 'image+diff' batch with probability ``rate``, unscaled:
+  the U-Net must also find defects in the image, so D's noise on a few labeled images is less to fit."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, (inputs_BxHxWxC.shape[0], 1, 1, 1)).astype(inputs_BxHxWxC.dtype)
+  return jnp.concatenate([inputs_BxHxWxC[..., :3], inputs_BxHxWxC[..., 3:] * keep], axis=-1)
+
+
 def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, ae_model: ConvAutoencoder,
                tx: optax.GradientTransformation, spec: augment.AugmentSpec, mode: str, sigma: float,
-               diff_on: str = 'warped', tile: int | None = None, scale: float = 1.0):
+               diff_on: str = 'warped', tile: int | None = None, scale: float = 1.0, dropout: float = 0.0,
+               gate: float = 1.0):
   if diff_on == 'warped' or mode == 'image':
     images, masks = unet.augmented_labeled(state, batch, spec)
-    inputs = unet_input(images, state.extras['ae_params'], ae_model, mode, sigma, scale)
+    inputs = unet_input(images, state.extras['ae_params'], ae_model, mode, sigma, scale, gate)
   else:
     # D of the image the AE was trained on (unwarped), then one warp for image, D and mask: the U-Net
     # learns from the D it will see at test time, not from the AE's errors on rotated, shifted views.
@@ -75,10 +93,13 @@ def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, ae_mod
     if 'diff' in batch['labeled']:  # computed once by the loop (stream_fields below), already scaled
       diff = batch['labeled']['diff'].astype(jnp.float32)
     else:
-      diff = jax.lax.stop_gradient(stored_difference(images, state.extras['ae_params'], ae_model, sigma, tile)) / scale
+      diff = jax.lax.stop_gradient(stored_difference(images, state.extras['ae_params'], ae_model, sigma, tile))
+      diff = diff * (gate / scale)
     warped, masks, _ = augment.augment_batch(base.step_key(state), jnp.concatenate([images, diff], -1),
                                              batch['labeled']['mask'].astype(jnp.float32), spec)
     inputs = warped if mode == 'image+diff' else warped[..., 3:]
+  if dropout > 0 and mode == 'image+diff':
+    inputs = drop_difference(jax.random.fold_in(base.step_key(state), 1), inputs, dropout)
 
   def loss_fn(params):
     return base.sigmoid_bce(model.apply(params, inputs), masks)
@@ -88,8 +109,8 @@ def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, ae_mod
 
 
 def score_map(state: base.TrainState, images_BxHxWx3: jax.Array, *, model: UNet, ae_model: ConvAutoencoder,
-              mode: str, sigma: float, scale: float = 1.0) -> jax.Array:
-  inputs = unet_input(images_BxHxWx3, state.extras['ae_params'], ae_model, mode, sigma, scale)
+              mode: str, sigma: float, scale: float = 1.0, gate: float = 1.0) -> jax.Array:
+  inputs = unet_input(images_BxHxWx3, state.extras['ae_params'], ae_model, mode, sigma, scale, gate)
   return jax.nn.sigmoid(model.apply(state.params, inputs)[..., 0])
 
 
@@ -148,28 +169,32 @@ def create_with_ae(config, ctx: base.MethodContext, ae_params) -> base.Method:
   ae_abstract = jax.eval_shape(lambda: ae_params)
   sigma = float(config.model.diff_blur)
   scale = diff_scale(config, ctx, ae_params, ae_model) if mode != 'image' else 1.0
+  gate, gate_info = diff_gate(config, ctx, ae_params, ae_model) if mode != 'image' else (1.0, None)
   tile = ctx.image_size if ctx.texture else None
   stream_fields = None
   if config.model.diff_on == 'stored' and mode != 'image':
     # The AE is frozen, so D of a stored labeled image is the same at every step: computed once here
     # instead of (for a texture) four tiles of AE per image per step.
     stream_fields = {'labeled': {'diff': partial(stored_differences, ae_params=ae_params, ae_model=ae_model,
-                                                 sigma=sigma, tile=tile, scale=scale)}}
+                                                 sigma=sigma, tile=tile, scale=scale, gate=gate)}}
   return base.Method(
       name='ae_unet', streams=('labeled',), score_kind='probability',
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size, in_channels=in_channels,
                    ae_abstract=ae_abstract),
       train_step=partial(train_step, model=model, ae_model=ae_model, tx=tx, spec=spec, mode=mode, sigma=sigma,
-                         diff_on=config.model.diff_on, tile=tile, scale=scale),
-      score_map=partial(score_map, model=model, ae_model=ae_model, mode=mode, sigma=sigma, scale=scale),
+                         diff_on=config.model.diff_on, tile=tile, scale=scale,
+                         dropout=float(config.model.get('diff_dropout', 0.0)), gate=gate),
+      score_map=partial(score_map, model=model, ae_model=ae_model, mode=mode, sigma=sigma, scale=scale,
+                        gate=gate),
       reconstruct=partial(reconstruct, ae_model=ae_model),
-      extras={'ae_params': ae_params}, stream_fields=stream_fields)
+      extras={'ae_params': ae_params}, stream_fields=stream_fields,
+      info={'diff_gate': gate_info} if gate_info else None)
 
 
 def stored_differences(images_uint8: np.ndarray, *, ae_params, ae_model: ConvAutoencoder, sigma: float,
-                       tile: int | None, scale: float = 1.0, chunk: int = 32) -> np.ndarray:
-  """D / scale of stored uint8 images (host float32 [N, S, S, 3]), jitted in chunks of ``chunk``."""
-  fn = jax.jit(lambda x: stored_difference(base.to_float(x), ae_params, ae_model, sigma, tile) / scale)
+                       tile: int | None, scale: float = 1.0, gate: float = 1.0, chunk: int = 32) -> np.ndarray:
+  """D / scale * gate of stored uint8 images (host float32 [N, S, S, 3]), jitted in chunks of ``chunk``."""
+  fn = jax.jit(lambda x: stored_difference(base.to_float(x), ae_params, ae_model, sigma, tile) * (gate / scale))
   out = [np.asarray(fn(images_uint8[i:i + chunk])) for i in range(0, len(images_uint8), chunk)]
   return np.concatenate(out) if out else np.zeros(images_uint8.shape, np.float32)
 
@@ -193,3 +218,36 @@ def diff_scale(config, ctx: base.MethodContext, ae_params, ae_model: ConvAutoenc
   log.info('ae_unet: D is divided by %.4g (its 99th percentile over %d unlabeled images).', p99,
            len(ctx.unlabeled))
   return p99
+
+
+def diff_gate(config, ctx: base.MethodContext, ae_params, ae_model: ConvAutoencoder) -> tuple[float, dict | None]:
+  """(gate, what decided it) for config.model.diff_gate. 'trivial': 1 when D, reduced over channels as the
+  AE's score map (config.model.diff_channels), ranks the labeled images' defect pixels better (pixel
+  AUROC) than |I - M| does, M the per-pixel mean of the unlabeled images; else 0. Deterministic like
+  the scale, so training, evaluation, prediction and export agree."""
+  if config.model.get('diff_gate', 'none') == 'none':
+    return 1.0, None
+  if ctx.unlabeled is None or ctx.labeled is None:
+    log.info('ae_unet: no labeled or unlabeled images in this method context (made without data: a test or '
+             'a benchmark), so D enters ungated (config.model.diff_gate=%r).', config.model.diff_gate)
+    return 1.0, None
+  images, masks = ctx.labeled.images, ctx.labeled.masks[..., 0].astype(bool)
+  if not masks.any() or masks.all():
+    raise ValueError('config.model.diff_gate=\'trivial\' ranks the labeled images\' pixels, but their masks '
+                     'have no defect pixel (or no normal one); label a defect image or set '
+                     'config.model.diff_gate=none.')
+  channels = config.model.diff_channels
+  d = stored_differences(images, ae_params=ae_params, ae_model=ae_model, sigma=float(config.model.diff_blur),
+                         tile=ctx.image_size if ctx.texture else None)
+  mean = ctx.unlabeled.astype(np.float64).mean(axis=0) / 255.0
+  trivial = np.abs(images.astype(np.float64) / 255.0 - mean)
+  labels = masks.reshape(-1)
+  rank = lambda s: float(curves.auroc(curves.exact_curve(base.reduce_channels(s, channels).reshape(-1)
+                                                             .astype(np.float64), labels)))
+  info = {'rule': config.model.diff_gate, 'd_auroc_labeled': rank(d), 'trivial_auroc_labeled': rank(trivial)}
+  info['open'] = bool(info['d_auroc_labeled'] > info['trivial_auroc_labeled'])
+  say = log.info if info['open'] else log.warning
+  say('ae_unet: D ranks the labeled images\' defect pixels at AUROC %.3f, |I - M| at %.3f: D %s the U-Net '
+      '(config.model.diff_gate=%r).', info['d_auroc_labeled'], info['trivial_auroc_labeled'],
+      'enters' if info['open'] else 'does not beat the trivial map and enters as zeros into', config.model.diff_gate)
+  return (1.0 if info['open'] else 0.0), info

@@ -64,6 +64,9 @@ class Method:
   # (ae_unet: D of the stored labeled images, which a frozen AE makes the same at every step).
   # ``train_step`` must also work without them (a batch made elsewhere, e.g. the benchmark's).
   stream_fields: dict[str, dict[str, Callable[[np.ndarray], np.ndarray]]] | None = None
+  # What the method decided when it was created from data (ae_unet: whether D enters), merged into
+  # eval.json.
+  info: dict[str, Any] | None = None
 
   @property
   def predict(self) -> Callable[[TrainState, jax.Array], jax.Array]:
@@ -80,6 +83,9 @@ class MethodContext:
   # uint8 [N, S, S, 3] images of the unlabeled split at the stored size, for what a method fits on them
   # when it is created (ae_unet's D scale); None in contexts made without data (tests, benchmarks).
   unlabeled: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+  # The labeled split (``images`` uint8 [N, S, S, 3], ``masks`` [N, S, S, 1]), for decisions a method takes
+  # on training labels when it is created (ae_unet's D gate); None like ``unlabeled``.
+  labeled: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)

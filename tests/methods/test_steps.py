@@ -1,6 +1,7 @@
 """Train-step checks per STYLE.md for ae, unet and ae_unet on tiny models and a fixed batch."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +109,66 @@ def test_ae_unet_input_modes():
   both = ae_unet.unet_input(x, p, ae_model, 'image+diff')
   assert both.shape[-1] == 6
   np.testing.assert_allclose(both[..., 3:], d, atol=1e-6)
+
+
+def test_diff_dropout_zeroes_whole_difference_images_at_its_rate():
+  """model.diff_dropout: each image's D (channels 3:) is zeroed whole, unscaled, with the given
+  probability; the image channels are never touched. The dropped fraction over 4000 images is within 4
+  binomial standard deviations of the rate."""
+  x = jax.random.uniform(jax.random.PRNGKey(0), (4000, 4, 4, 6), minval=0.1, maxval=1.0)
+  out = np.asarray(ae_unet.drop_difference(jax.random.PRNGKey(1), x, 0.25))
+  np.testing.assert_array_equal(out[..., :3], np.asarray(x)[..., :3])
+  dropped = np.all(out[..., 3:] == 0, axis=(1, 2, 3))
+  kept = np.all(out[..., 3:] == np.asarray(x)[..., 3:], axis=(1, 2, 3))
+  assert np.all(dropped ^ kept)  # each image: all of D or none of it
+  assert abs(dropped.mean() - 0.25) < 4 * np.sqrt(0.25 * 0.75 / 4000)
+
+
+@pytest.mark.parametrize('informative', [True, False])
+def test_diff_gate_opens_only_when_d_beats_the_mean_image_on_the_labeled_images(monkeypatch, informative):
+  """model.diff_gate='trivial': the gate compares D's labeled pixel AUROC (channel max, as the score map)
+  with that of |I - M|, M the unlabeled mean; both checked against scipy's Mann-Whitney U / (n1 n0)."""
+  import scipy.stats
+  rng = np.random.default_rng(0)
+  labeled = types.SimpleNamespace(images=rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8),
+                                  masks=(rng.random((3, 8, 8, 1)) < 0.2).astype(np.uint8))
+  unlabeled = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+  noise = rng.random((3, 8, 8, 3)).astype(np.float32)
+  d = noise + 2.0 * labeled.masks if informative else noise
+  monkeypatch.setattr(ae_unet, 'stored_differences', lambda images, **kw: d)
+  config = tiny_config('ae_unet')
+  config.model.diff_gate, config.model.diff_channels = 'trivial', 'max'
+  ctx = base.MethodContext(image_size=8, texture=False, steps_per_epoch=1, unlabeled=unlabeled, labeled=labeled)
+  gate, info = ae_unet.diff_gate(config, ctx, None, None)
+  y = labeled.masks[..., 0].reshape(-1).astype(bool)
+  def auroc(score):
+    s = score.reshape(-1)
+    return scipy.stats.mannwhitneyu(s[y], s[~y]).statistic / (y.sum() * (~y).sum())
+  trivial = np.abs(labeled.images / 255.0 - unlabeled.mean(axis=0) / 255.0).max(-1)
+  np.testing.assert_allclose(info['trivial_auroc_labeled'], auroc(trivial), atol=1e-9)
+  np.testing.assert_allclose(info['d_auroc_labeled'], auroc(d.max(-1)), atol=1e-9)
+  assert info['open'] == informative and gate == float(informative)
+  assert info['open'] == (info['d_auroc_labeled'] > info['trivial_auroc_labeled'])
+
+
+def test_a_closed_gate_feeds_d_as_zeros():
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, SIZE, SIZE, 3))
+  ae_model = autoencoder.create_model(tiny_config('ae'))
+  p = ae_model.init(jax.random.PRNGKey(1), x)
+  both = ae_unet.unet_input(x, p, ae_model, 'image+diff', gate=0.0)
+  np.testing.assert_array_equal(both[..., :3], x)
+  assert not np.any(np.asarray(both[..., 3:]))
+  config = tiny_config('ae_unet')
+  config.model.diff_gate = 'maybe'
+  with pytest.raises(ValueError, match='config.model.diff_gate'):
+    ae_unet.validate(config)
+
+
+def test_diff_dropout_outside_its_range_names_the_key():
+  config = tiny_config('ae_unet')
+  config.model.diff_dropout = 1.0
+  with pytest.raises(ValueError, match='config.model.diff_dropout'):
+    ae_unet.validate(config)
 
 
 @pytest.mark.parametrize('channels', ['mean', 'max'])
