@@ -311,6 +311,20 @@ class Collected:
   recon_rows: list[dict]  # reconstruction error on normal test images of the reconstructing methods
 
 
+def cell_notes(c: Cell, ev: dict) -> list[str]:
+  """What report.md's notes say of a finished cell: a collapsed training, a D gated off (ae_unet)."""
+  notes = []
+  if (ev.get('health') or {}).get('collapsed'):
+    notes.append(f'{c.category}/seed{c.seed}/{c.name}: training collapsed ('
+                 + '; '.join(ev['health']['warnings']) + ').')
+  gate = ev.get('diff_gate') or {}
+  if gate and not gate.get('open', True):
+    notes.append(f'{c.category}/seed{c.seed}/{c.name}: D entered the U-Net as zeros: on the labeled images it '
+                 f'ranks defect pixels at AUROC {gate["d_auroc_labeled"]:.3f}, |I − M| at '
+                 f'{gate["trivial_auroc_labeled"]:.3f} (config.model.diff_gate={gate["rule"]!r}).')
+  return notes
+
+
 def collect(config, root: str, cells: list[Cell]) -> Collected:
   """Rows, timing, counts per category and D's quality from the eval.json files of the cells finished
   with this config (a stale eval.json of another config is left out)."""
@@ -324,9 +338,7 @@ def collect(config, root: str, cells: list[Cell]) -> Collected:
     if ev.get('recon_error_good') is not None and c.variant == MAIN:
       recon_rows.append(dict(category=c.category, method=c.method, seed=c.seed, variant=MAIN, split='test',
                              recon_error_good=float(ev['recon_error_good'])))
-    if (ev.get('health') or {}).get('collapsed'):
-      notes.append(f'{c.category}/seed{c.seed}/{c.name}: training collapsed ('
-                   + '; '.join(ev['health']['warnings']) + ').')
+    notes += cell_notes(c, ev)
     rows += report.rows_from_eval(ev, c.dataset, c.category, c.method, c.variant, c.seed)
     timing.append(report.timing_from_eval(ev, c.dataset, c.category, c.method, c.variant, c.seed))
     counts.setdefault(c.category, {'unlabeled': ev['num_unlabeled_images'], 'labeled': ev['num_labeled_images'],

@@ -260,3 +260,13 @@ def test_the_ae_cell_does_not_depend_on_the_unets_schedule(tmp_path):
   config.ae_decay_every_steps = 0
   with pytest.raises(ValueError, match='config.ae_decay_every_steps'):
     cell('ae')
+
+
+def test_report_notes_name_a_collapsed_training_and_a_closed_difference_gate():
+  cell = reproduce.Cell('synthetic_defects', 'gravel', 1, 'ae_unet')
+  gate = {'rule': 'trivial', 'open': False, 'd_auroc_labeled': 0.5217, 'trivial_auroc_labeled': 0.5559}
+  (note,) = reproduce.cell_notes(cell, {'diff_gate': gate})
+  assert note.startswith('gravel/seed1/ae_unet: D entered the U-Net as zeros') and '0.522' in note and '0.556' in note
+  assert reproduce.cell_notes(cell, {'diff_gate': {**gate, 'open': True}}) == []
+  (note,) = reproduce.cell_notes(cell, {'health': {'collapsed': True, 'warnings': ['the loss ended at 0.2']}})
+  assert 'training collapsed (the loss ended at 0.2)' in note
