@@ -16,7 +16,7 @@ precision. Inference runs at the last of ``--shapes``; layers times the forward,
 weight gradient of each distinct 3x3 convolution of the U-Net on its own, side by side with PyTorch's
 kernels, to attribute a step's time to layers. loop (at the first of ``--shapes``) times
 ``semiseg.train``'s loop over ``--loop_steps`` steps against the bare jitted step on the same batches
-(``ratio`` = loop / step; images/s; median of 3 runs, 1 under gpu: each run compiles).
+(``ratio`` = loop / step; images/s; median of 5 runs after an untimed one, 1 under gpu: each run compiles).
 ``gpu`` is train + infer (batch 1 and 16) + loop at ``--shapes=paper`` (batch 16 on an accelerator), both
 precisions, all PyTorch variants, with ``--stage_limit_s`` (150) per stage and ``--time_limit_s`` (540)
 in all, so that one run fits a 10-minute device call.
@@ -67,9 +67,9 @@ flags.DEFINE_string('trace', None, 'Also write a jax.profiler trace of one step 
 flags.DEFINE_float('min_sample_s', 0.2, 'Each timed sample calls a workload back to back for at least '
                    'this long (steady state, as in a training loop); 0 times single calls.')
 flags.DEFINE_integer('repeats', 5, 'Timed repeats at the cpu shapes (median reported).')
-flags.DEFINE_integer('loop_steps', None, 'loop: train steps timed after the first, in the loop and bare; '
-                     'default config.ckpt.every_steps of the shapes (200 at cpu), so one checkpoint is saved in '
-                     'them, at the config\'s rate.')
+flags.DEFINE_integer('loop_steps', None, 'loop: train steps of the loop and of the bare step, the first of '
+                     'which compiles and is not timed; default config.ckpt.every_steps of the shapes (200 at '
+                     'cpu), so the run saves one checkpoint, at its end, at the config\'s rate.')
 flags.DEFINE_string('loop_method', 'unet', 'loop: the method the loop trains.')
 flags.DEFINE_integer('paper_repeats', 3, 'Timed repeats at the paper shapes on a CPU (a step takes seconds).')
 flags.DEFINE_integer('gemm_n', None, 'GEMM peak size n (n x n x n); default 2048 on a CPU, 8192 elsewhere.')
@@ -154,7 +154,7 @@ def main(argv):
       todo.append((f'layers {setting.name}', partial(layers.bench_layers, setting, torch, peaks)))
     if 'loop' in what and setting is all_settings[0]:  # the smallest shapes asked for
       todo.append((f'loop {setting.name}', partial(loop.bench_loop, setting, FLAGS.loop_method, FLAGS.loop_steps,
-                                                   1 if gpu else min(3, setting.repeats))))  # each run compiles
+                                                   1 if gpu else min(5, setting.repeats))))  # each run compiles
     if 'input' in what:
       todo.append((f'input {setting.name}',
                    lambda setting=setting: suite.bench_input(setting, unet_steps_per_s.get(setting.name))))

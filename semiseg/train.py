@@ -99,14 +99,15 @@ def _tracked_step(train_step, state, batch, track, reset):
 def _batches(method: base.Method, config, data, start_step: int, mesh):
   """Global batches for each step from ``start_step``: ``{'labeled': {...}, 'unlabeled': {...}}``."""
   sizes = restore.stream_batch_sizes(config, method.streams)
+  # One thread gathers each stream's rows and puts the batch on the devices, config.data.prefetch steps
+  # ahead: the loop's next() only takes a placed batch, and the copy overlaps the step in flight.
   iters = {s: pipeline.batch_stream(_with_fields(method, getattr(data, s), s), batch_size=sizes[s],
                                     seed=config.seed * 7919 + STREAM_SEED_OFFSET[s], start_step=start_step,
                                     sampling=SAMPLING[s], process_index=jax.process_index(),
-                                    process_count=jax.process_count(), prefetch=config.data.prefetch)
+                                    process_count=jax.process_count(), prefetch=0)
            for s in method.streams}
-  while True:
-    local = {s: next(it) for s, it in iters.items()}
-    yield sharding.to_global(local, mesh)
+  return pipeline.prefetched(lambda _: sharding.to_global({s: next(it) for s, it in iters.items()}, mesh),
+                             start_step, config.data.prefetch)
 
 
 def _with_fields(method: base.Method, split: pipeline.Split, stream: str) -> pipeline.Split:

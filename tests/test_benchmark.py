@@ -97,7 +97,18 @@ def test_loop_record_on_tiny_shapes(tmp_path):
   [loop] = [r for r in json.loads(out.read_text()) if r['workload'] == 'loop']
   assert loop['unit'] == 'images/s' and loop['semiseg_per_s'] > 0 and loop['reference_per_s'] > 0
   assert loop['ratio'] == pytest.approx(loop['semiseg_per_s'] / loop['reference_per_s'])
-  assert loop['batch_size'] == 4 and 'unet, 3 steps after the first' in loop['note']
+  assert loop['batch_size'] == 4 and 'unet, 2 steps after the first' in loop['note']
+
+
+def test_the_loop_benchmark_ends_on_a_checkpoint_interval(setting):
+  """By default the loop runs one checkpoint interval, so its only save is its end's (as a run of the config
+  saves every interval), not an interval's save followed at once by the end's."""
+  from semiseg.bench import loop
+  every = setting.config.ckpt.every_steps
+  assert loop.loop_config(setting, 'unet', None).num_train_steps == every
+  assert loop.loop_config(setting, 'unet', 3 * every).num_train_steps == 3 * every
+  with pytest.raises(ValueError, match='at least 2 steps'):
+    loop.loop_config(setting, 'unet', 1)
 
 
 def test_a_failing_torch_compile_is_recorded_and_the_rest_measured(setting, monkeypatch):

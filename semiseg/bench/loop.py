@@ -32,12 +32,16 @@ def _in_memory_data(config, n: int = 64, seed: int = 0) -> pipeline.CategoryData
 
 
 def loop_config(setting: Setting, method: str, steps: int | None):
-  """The setting's config training ``method`` for 1 + ``steps`` steps (the first one compiles; default:
-  ``config.ckpt.every_steps``, so that the timed steps save one checkpoint, at the end, as often as a
-  run of that config does); its log and checkpoint intervals are the setting's own."""
+  """The setting's config training ``method`` for ``steps`` steps (default ``config.ckpt.every_steps``), the
+  first of which compiles and is not timed. The run then saves as a run of that config does: every
+  interval, the last one at its end. (With one step more, the end's save would follow the interval's
+  at once and wait for its write: 150-330 ms of a 5 s window on a 2-core CPU.) Its log and checkpoint
+  intervals are the setting's own."""
   config = copy.deepcopy(setting.config)
   config.method = method
-  config.num_train_steps = (steps or config.ckpt.every_steps) + 1
+  config.num_train_steps = steps or config.ckpt.every_steps
+  if config.num_train_steps < 2:
+    raise ValueError(f'the loop benchmark needs at least 2 steps (the first compiles), got {config.num_train_steps}.')
   return config
 
 
@@ -68,11 +72,15 @@ def time_bare_step(config, data: pipeline.CategoryData) -> tuple[float, int, int
 
 def bench_loop(setting: Setting, method: str = 'unet', steps: int | None = None, repeats: int = 3) -> list[Record]:
   """Images/s of ``train.train``'s loop over ``steps`` steps vs the bare jitted step on the same batches,
-  alternating (step, loop, step, loop, ...), median of ``repeats``."""
+  alternating (step, loop, step, loop, ...), median of ``repeats``, after one untimed loop run: a
+  process pays once for its first checkpoint save (Orbax's and TensorStore's set-up) and its first
+  writers, which a run does not pay again every ``steps`` steps (on a 2-core CPU the first loop of a
+  process ran at 0.71-0.77 of its bare step's rate, the later ones at 0.95-1.10)."""
   config = loop_config(setting, method, steps)
   data = _in_memory_data(config)
   loop_rates, step_rates, timing = [], [], None
   logging.getLogger('semiseg.train').setLevel(logging.WARNING)  # one info line per run otherwise
+  time_loop(config, data)  # the untimed warm-up run
   for _ in range(max(1, repeats)):
     seconds, n, images_per_step = time_bare_step(config, data)
     step_rates.append(n * images_per_step / seconds)
@@ -84,7 +92,8 @@ def bench_loop(setting: Setting, method: str = 'unet', steps: int | None = None,
                  reference=f'the bare jitted {method} train step on the same batches, on the device',
                  compile_s=timing.compile_s,
                  note=(f'{method}, {timing.steps} steps after the first, log every {config.log_every_steps}, '
-                       f'checkpoint every {config.ckpt.every_steps} and at the end; median of {len(loop_rates)}; '
+                       f'checkpoint every {config.ckpt.every_steps} and at the end; median of {len(loop_rates)} '
+                       f'after an untimed loop run; '
                        f'loop {", ".join(f"{r:.1f}" for r in loop_rates)} vs step '
                        f'{", ".join(f"{r:.1f}" for r in step_rates)} images/s'))]
 

@@ -12,6 +12,7 @@ import itertools
 import os
 import queue
 import threading
+from typing import Any
 from collections.abc import Iterator
 
 import numpy as np
@@ -223,7 +224,17 @@ def batch_stream(split: Split, *, batch_size: int, seed: int, start_step: int = 
   return _prefetched(make, start_step, prefetch)
 
 
-def _prefetched(make, start_step: int, prefetch: int) -> Iterator[dict[str, np.ndarray]]:
+def prefetched(make, start_step: int, prefetch: int) -> Iterator[Any]:
+  """``make(step)`` for step = start_step, start_step + 1, ... (endless); ``prefetch`` > 0: prepared that many
+  ahead by a daemon thread, in order (``make`` may keep state: one thread calls it, step after step)."""
+  if prefetch <= 0:
+    return (make(step) for step in itertools.count(start_step))
+  return _prefetched(make, start_step, prefetch)
+
+
+def _prefetched(make, start_step: int, prefetch: int) -> Iterator[Any]:
+  """``make(start_step), make(start_step + 1), ...`` computed ``prefetch`` ahead by a daemon thread, in order;
+  an exception in ``make`` is raised at the consumer's ``next``."""
   q: queue.Queue = queue.Queue(maxsize=prefetch)
   stop = threading.Event()
 

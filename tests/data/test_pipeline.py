@@ -124,3 +124,19 @@ def test_load_synthetic_and_mvtec(tmp_path, monkeypatch):
 def test_throughput():
   rate = throughput.measure_input(_split(40, 32), batch_size=8, steps=5)
   assert rate > 0
+
+
+@pytest.mark.parametrize('prefetch', [0, 2])
+def test_prefetched_calls_make_step_after_step_and_raises_its_error_at_next(prefetch):
+  calls = []
+
+  def make(step):
+    calls.append(step)
+    if step == 5:
+      raise ValueError('bad batch 5')
+    return step * 10
+  it = pipeline.prefetched(make, 2, prefetch)
+  assert [next(it) for _ in range(3)] == [20, 30, 40]
+  with pytest.raises(ValueError, match='bad batch 5'):
+    next(it)
+  assert calls == [2, 3, 4, 5]
