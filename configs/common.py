@@ -132,8 +132,9 @@ def get_base_config() -> config_dict.ConfigDict:
   # ae_unet training: the probability that an image's D is zeroed (its image kept), so the U-Net also
   # learns the defects from the image alone. 0 (the paper): D always enters.
   c.model.diff_dropout = 0.0
-  # ae_unet: D enters always ('none', the paper), or only when it ranks the labeled images' defect
-  # pixels better than |I - M| ('trivial'; else as zeros, and eval.json's diff_gate says so).
+  # ae_unet with unet_input='image+diff': D enters always ('none', the paper), or only when it ranks the
+  # labeled images' defect pixels better than |I - M| ('trivial'; else as zeros, and eval.json's
+  # diff_gate says so).
   c.model.diff_gate = 'none'
   c.model.unet_features = 64
   c.model.unet_depth = 4

@@ -29,7 +29,8 @@ DIFF_ON = ('warped', 'stored')
 DIFF_SCALE = ('none', 'p99')
 # Whether D enters at all: always ('none', the paper), or only when D ranks the labeled images' defect
 # pixels better than the trivial |I - M| does ('trivial'; M the mean unlabeled image). The labeled images
-# are training data, so the decision uses no test label; a closed gate feeds D as zeros.
+# are training data, so the decision uses no test label; a closed gate feeds D as zeros. It applies to
+# unet_input='image+diff' only.
 DIFF_GATE = ('none', 'trivial')
 
 
@@ -169,7 +170,8 @@ def create_with_ae(config, ctx: base.MethodContext, ae_params) -> base.Method:
   ae_abstract = jax.eval_shape(lambda: ae_params)
   sigma = float(config.model.diff_blur)
   scale = diff_scale(config, ctx, ae_params, ae_model) if mode != 'image' else 1.0
-  gate, gate_info = diff_gate(config, ctx, ae_params, ae_model) if mode != 'image' else (1.0, None)
+  # The gate decides whether D is added to the image; fed D alone (Table 4's 'diff'), the U-Net keeps it.
+  gate, gate_info = diff_gate(config, ctx, ae_params, ae_model) if mode == 'image+diff' else (1.0, None)
   tile = ctx.image_size if ctx.texture else None
   stream_fields = None
   if config.model.diff_on == 'stored' and mode != 'image':

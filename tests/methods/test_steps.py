@@ -164,6 +164,18 @@ def test_a_closed_gate_feeds_d_as_zeros():
     ae_unet.validate(config)
 
 
+@pytest.mark.parametrize('unet_input', ['image+diff', 'diff'])
+def test_the_gate_decides_only_where_d_is_added_to_the_image(monkeypatch, unet_input):
+  """Fed D alone (Table 4's 'diff' ablation) the U-Net keeps it: the gate is not consulted there."""
+  consulted = []
+  monkeypatch.setattr(ae_unet, 'diff_gate', lambda *a: consulted.append(True) or (1.0, None))
+  config = tiny_config('ae_unet')
+  config.model.diff_gate, config.model.unet_input = 'trivial', unet_input
+  ctx = base.MethodContext(image_size=SIZE, texture=False, steps_per_epoch=1)
+  testing.create_untrained(config, ctx)
+  assert consulted == ([True] if unet_input == 'image+diff' else [])
+
+
 def test_diff_dropout_outside_its_range_names_the_key():
   config = tiny_config('ae_unet')
   config.model.diff_dropout = 1.0
