@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from ml_collections import config_dict
 
-from semiseg import augment, curves
+from semiseg import augment
 from semiseg.methods import autoencoder, base, unet
 from semiseg.models.autoencoder import ConvAutoencoder
 from semiseg.models.unet import UNet
@@ -238,15 +238,16 @@ def diff_gate(config, ctx: base.MethodContext, ae_params, ae_model: ConvAutoenco
     raise ValueError('config.model.diff_gate=\'trivial\' ranks the labeled images\' pixels, but their masks '
                      'have no defect pixel (or no normal one); label a defect image or set '
                      'config.model.diff_gate=none.')
+  from semiseg import monitor  # here: it imports semiseg.evaluate, which imports semiseg.methods.base
   channels = config.model.diff_channels
   d = stored_differences(images, ae_params=ae_params, ae_model=ae_model, sigma=float(config.model.diff_blur),
                          tile=ctx.image_size if ctx.texture else None)
+  # |I - M| in float64 (evaluate.trivial_difference's float32 rounding breaks some of its ties otherwise).
   mean = ctx.unlabeled.astype(np.float64).mean(axis=0) / 255.0
   trivial = np.abs(images.astype(np.float64) / 255.0 - mean)
-  labels = masks.reshape(-1)
-  rank = lambda s: float(curves.auroc(curves.exact_curve(base.reduce_channels(s, channels).reshape(-1)
-                                                             .astype(np.float64), labels)))
-  info = {'rule': config.model.diff_gate, 'd_auroc_labeled': rank(d), 'trivial_auroc_labeled': rank(trivial)}
+  info = {'rule': config.model.diff_gate,
+          'd_auroc_labeled': monitor.pixel_auroc(base.reduce_channels(d, channels), masks),
+          'trivial_auroc_labeled': monitor.pixel_auroc(base.reduce_channels(trivial, channels), masks)}
   info['open'] = bool(info['d_auroc_labeled'] > info['trivial_auroc_labeled'])
   say = log.info if info['open'] else log.warning
   say('ae_unet: D ranks the labeled images\' defect pixels at AUROC %.3f, |I - M| at %.3f: D %s the U-Net '
