@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from semiseg.models.autoencoder import UpConv4x4
+
 
 def bottom_size(image_size: int, levels: int) -> int:
   """Side of the lowest-resolution feature map; the image side must divide by 2**levels."""
@@ -22,7 +24,11 @@ class Generator(nn.Module):
   """z -> Dense -> [s, s, features[-1]] -> stride-2 transposed convs -> sigmoid image in [0, 1].
 
   ``features`` lists widths from the full-resolution level down, like the discriminator's; the last
-  transposed conv outputs the image itself. LayerNorm over channels (per pixel, per sample) instead of
+  transposed conv outputs the image itself. The transposed convs are ``UpConv4x4``: the same function and
+  parameters as ``nn.ConvTranspose(f, (4, 4), strides=(2, 2), padding='SAME')``, computed as one 3x3
+  convolution; on XLA:CPU the generator's forward + backward at batch 8, 64 px, took 23 ms with
+  ``nn.ConvTranspose`` and 4 ms this way, which made the transposed convs' weight gradient most of a
+  DCGAN step. LayerNorm over channels (per pixel, per sample) instead of
   BatchNorm: no batch statistics in the state, and one image's output does not depend on the batch,
   which the per-image latent search at inference needs.
   """
@@ -36,10 +42,11 @@ class Generator(nn.Module):
     s = bottom_size(self.image_size, len(self.features))
     x = nn.Dense(s * s * self.features[-1], dtype=self.dtype)(z_BxD.astype(self.dtype))
     x = nn.relu(nn.LayerNorm(dtype=self.dtype)(x.reshape(-1, s, s, self.features[-1])))
-    for f in list(reversed(self.features))[1:]:
-      x = nn.ConvTranspose(f, (4, 4), strides=(2, 2), padding='SAME', dtype=self.dtype)(x)
+    # Named as nn.ConvTranspose's auto-names were: checkpoints of the earlier generator still load.
+    for i, f in enumerate(list(reversed(self.features))[1:]):
+      x = UpConv4x4(f, dtype=self.dtype, name=f'ConvTranspose_{i}')(x)
       x = nn.relu(nn.LayerNorm(dtype=self.dtype)(x))
-    x = nn.ConvTranspose(self.out_channels, (4, 4), strides=(2, 2), padding='SAME', dtype=self.dtype)(x)
+    x = UpConv4x4(self.out_channels, dtype=self.dtype, name=f'ConvTranspose_{len(self.features) - 1}')(x)
     return jax.nn.sigmoid(x.astype(jnp.float32))
 
 
