@@ -10,6 +10,7 @@ import optax
 
 from semiseg import augment
 from semiseg.methods import base
+from semiseg.methods.mean_teacher import ema, ema_decay_at
 from semiseg.models.dcgan import Discriminator, Generator, bottom_size
 
 
@@ -25,10 +26,18 @@ def gan_losses(params, images_BxHxWx3: jax.Array, z_BxD: jax.Array, *, g_model: 
   return d_loss, g_loss
 
 
+def generator_params(state: base.TrainState):
+  """The generator the latent search inverts: the EMA of the trained generators where
+  config.anogan.g_ema_decay > 0 keeps one, else the last one."""
+  extras = state.extras or {}
+  return extras['g_ema'] if 'g_ema' in extras else state.params['g']
+
+
 def train_step(state: base.TrainState, batch: base.Batch, *, g_model: Generator, d_model: Discriminator,
                tx_g: optax.GradientTransformation, tx_d: optax.GradientTransformation,
-               spec: augment.AugmentSpec, latent_dim: int):
-  """One D update, then one G update against the updated D (the usual alternation), in one step."""
+               spec: augment.AugmentSpec, latent_dim: int, g_ema_decay: float = 0.0):
+  """One D update, then one G update against the updated D (the usual alternation), in one step; then,
+  with ``g_ema_decay`` > 0, the generator's EMA (warmed up as Mean Teacher's) follows the new generator."""
   key = base.step_key(state)
   k_aug, k_zd, k_zg = jax.random.split(key, 3)
   images = base.to_float(batch['unlabeled']['image'])
@@ -50,6 +59,8 @@ def train_step(state: base.TrainState, batch: base.Batch, *, g_model: Generator,
 
   new = state.replace(step=state.step + 1, params={'g': g_params, 'd': d_params},
                       opt_state={'g': g_opt, 'd': d_opt})
+  if g_ema_decay > 0:
+    new = new.replace(extras={'g_ema': ema(state.extras['g_ema'], g_params, ema_decay_at(new.step, g_ema_decay))})
   # 'loss' is the sum of the two players' losses: a health signal (finite, bounded), not a target.
   return new, {'loss': d_loss + g_loss, 'd_loss': d_loss, 'g_loss': g_loss}
 
@@ -73,7 +84,8 @@ def search_latent(state: base.TrainState, images_BxHxWx3: jax.Array, *, g_model:
   z0_BxD = jax.random.normal(jax.random.fold_in(state.key, 0x5EA4C), (b, latent_dim), jnp.float32)
   _, real_features_BxF = d_model.apply(state.params['d'], images_BxHxWx3)
   tx = optax.adam(learning_rate)
-  loss_fn = partial(search_loss, params=state.params, g_model=g_model, d_model=d_model, weight=weight)
+  params = {'g': generator_params(state), 'd': state.params['d']}
+  loss_fn = partial(search_loss, params=params, g_model=g_model, d_model=d_model, weight=weight)
 
   def one(z0_D, image, real_features_F):
     grad_fn = jax.value_and_grad(loss_fn)
@@ -92,7 +104,7 @@ def search_latent(state: base.TrainState, images_BxHxWx3: jax.Array, *, g_model:
 
 def reconstruct(state: base.TrainState, images_BxHxWx3: jax.Array, **search) -> jax.Array:
   z_BxD, _ = search_latent(state, images_BxHxWx3, **search)
-  return search['g_model'].apply(state.params['g'], z_BxD)
+  return search['g_model'].apply(generator_params(state), z_BxD)
 
 
 def score_map(state: base.TrainState, images_BxHxWx3: jax.Array, channels: str = 'mean', **search) -> jax.Array:
@@ -102,12 +114,15 @@ def score_map(state: base.TrainState, images_BxHxWx3: jax.Array, channels: str =
 
 
 def init(key: jax.Array, *, g_model: Generator, d_model: Discriminator, tx_g, tx_d, image_size: int,
-         latent_dim: int) -> base.TrainState:
+         latent_dim: int, g_ema_decay: float = 0.0) -> base.TrainState:
   k_g, k_d, state_key = jax.random.split(key, 3)
   params = {'g': g_model.init(k_g, jnp.zeros((1, latent_dim), jnp.float32)),
             'd': d_model.init(k_d, jnp.zeros((1, image_size, image_size, 3), jnp.float32))}
+  # A copy, not an alias: the loop donates the state, and one buffer must not be donated twice.
+  extras = {'g_ema': jax.tree.map(jnp.copy, params['g'])} if g_ema_decay > 0 else None
   return base.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                         opt_state={'g': tx_g.init(params['g']), 'd': tx_d.init(params['d'])}, key=state_key)
+                         opt_state={'g': tx_g.init(params['g']), 'd': tx_d.init(params['d'])}, key=state_key,
+                         extras=extras)
 
 
 def create(config, ctx: base.MethodContext) -> base.Method:
@@ -125,6 +140,9 @@ def create(config, ctx: base.MethodContext) -> base.Method:
       raise ValueError(f'config.anogan.{key} must be positive, got {c[key]}.')
   if not 0 <= float(c.b1) < 1:
     raise ValueError(f'config.anogan.b1 must be in [0, 1), got {c.b1}.')
+  g_ema_decay = float(c.g_ema_decay)
+  if not 0 <= g_ema_decay < 1:
+    raise ValueError(f'config.anogan.g_ema_decay must be in [0, 1) (0: no average), got {c.g_ema_decay}.')
   if not 0 <= float(c.discrimination_weight) <= 1:
     raise ValueError(f'config.anogan.discrimination_weight must be in [0, 1], got {c.discrimination_weight}.')
   dtype = base.compute_dtype(config.model.dtype)
@@ -139,8 +157,8 @@ def create(config, ctx: base.MethodContext) -> base.Method:
   return base.Method(
       name='anogan', streams=('unlabeled',), score_kind='anomaly',
       init=partial(init, g_model=g_model, d_model=d_model, tx_g=tx_g, tx_d=tx_d, image_size=ctx.image_size,
-                   latent_dim=latent_dim),
+                   latent_dim=latent_dim, g_ema_decay=g_ema_decay),
       train_step=partial(train_step, g_model=g_model, d_model=d_model, tx_g=tx_g, tx_d=tx_d, spec=spec,
-                         latent_dim=latent_dim),
+                         latent_dim=latent_dim, g_ema_decay=g_ema_decay),
       score_map=partial(score_map, channels=config.model.diff_channels, **search),
       reconstruct=partial(reconstruct, **search))

@@ -122,6 +122,34 @@ def test_anogan_latent_search_lowers_its_loss_and_scores_in_unit_range():
   assert scores.shape == (2, SIZE, SIZE) and scores.min() >= 0 and scores.max() <= 1
 
 
+def test_anogan_generator_ema_is_the_true_average_then_exponential_and_is_what_the_search_inverts():
+  config = synthetic.get_config('washer,smoke,method=anogan')
+  config.anogan.g_ema_decay = 0.6
+  tiny = testing.create_tiny(config, image_size=SIZE, batch_size=4)
+  step = jax.jit(tiny.method.train_step)
+  states = [tiny.state]
+  for _ in range(3):
+    states.append(step(states[-1], fixed_batch())[0])
+  g = [jax.tree.map(np.asarray, st.params['g']) for st in states]
+  # Warm-up min(1 - 1/(t + 1), 0.6): 0.5 and 0.6 after steps 1 and 2, then 0.6 (by hand):
+  # ema1 = (g0 + g1) / 2, ema2 = 0.6 ema1 + 0.4 g2, ema3 = 0.6 ema2 + 0.4 g3.
+  ema1 = jax.tree.map(lambda a, b: (a + b) / 2, g[0], g[1])
+  ema2 = jax.tree.map(lambda e, b: 0.6 * e + 0.4 * b, ema1, g[2])
+  ema3 = jax.tree.map(lambda e, b: 0.6 * e + 0.4 * b, ema2, g[3])
+  for want, st in ((g[0], states[0]), (ema1, states[1]), (ema3, states[3])):
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(st.extras['g_ema'])):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  assert any(bool(np.any(a != b)) for a, b in zip(jax.tree.leaves(g[3]), jax.tree.leaves(ema3)))
+  # The score map reads the EMA generator: erasing the trained one changes nothing, erasing the EMA does.
+  image = base.to_float(fixed_batch()['unlabeled']['image'][:2])
+  score = jax.jit(tiny.method.score_map)
+  last = states[-1]
+  no_g = last.replace(params={**last.params, 'g': jax.tree.map(jnp.zeros_like, last.params['g'])})
+  no_ema = last.replace(extras={'g_ema': jax.tree.map(jnp.zeros_like, last.extras['g_ema'])})
+  np.testing.assert_array_equal(np.asarray(score(no_g, image)), np.asarray(score(last, image)))
+  assert not np.allclose(np.asarray(score(no_ema, image)), np.asarray(score(last, image)))
+
+
 # Exact pixel-aligned rigid maps (90-degree turns, flips, integer shifts/crops): bilinear reads land on
 # pixel centres, so a per-pixel model commutes with the warps exactly.
 def integer_matrix(quarter_turns, flip, shift, in_hw, out_hw):
@@ -241,6 +269,7 @@ def test_mean_teacher_is_the_ema_of_the_student():
 @pytest.mark.parametrize('key,value,method', [
     ('pca.num_components', -1, 'pca'), ('pca.variance', 1.5, 'pca'),
     ('anogan.features', (8, 16, 32, 64, 128), 'anogan'), ('anogan.search_steps', -1, 'anogan'),
+    ('anogan.g_ema_decay', 1.0, 'anogan'),
     ('consistency.ema_decay', 1.0, 'mean_teacher'), ('consistency.rampup_steps', -1, 'pi_model')])
 def test_bad_config_values_name_their_key(key, value, method):
   with pytest.raises(ValueError, match=key.replace('.', r'\.')):
