@@ -301,14 +301,14 @@ def cpu(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
   c.model.diff_gate = 'trivial'
   c.anogan.latent_dim = 64
   c.anogan.features = (16, 32, 64, 64)
-  # Latent search steps per test image, AnoGAN's largest cost (main job, washer: reconstruction error
-  # of good test images 0.114 / 0.110 / 0.107 and defect IoU 0.015 / 0.011 / 0.012 at 25 / 50 / 100).
+  # Latent search steps per test image, AnoGAN's largest cost (measured against DCGAN steps below).
   c.anogan.search_steps = 25
   # DCGAN steps, washer seed 0, good test images' reconstruction error at 25 / 50 / 100 / 200 search
   # steps (the AE: 0.022; the nearest unlabeled image: 0.051) and the cell's seconds: 1600 steps 0.119 /
   # 0.115 / 0.111 / 0.110, 48 s; 4000: 0.078 / 0.074 / 0.071 / 0.069, 65 s; 8000: 0.063 / 0.058 / 0.054
-  # / 0.052, 133 s. Brick at 1600 / 4000 / 8000: 0.094 / 0.098 / 0.072 (AE 0.023). 4000 fits the main
-  # job's 15 minutes; 8000 does not (README: "AnoGAN at the CPU budget").
+  # / 0.052, 133 s. Brick at 1600 / 4000 / 8000: 0.094 / 0.098 / 0.072 (AE 0.023). 4000 costs the main
+  # job what 1600 did before the faster generator (cells 82 / 110 s); 8000 would add ~70 s per category
+  # (README: "AnoGAN at the CPU budget").
   c.anogan.num_train_steps = 4000
   # The search inverts the EMA of the generators (the last ~1000 of 4000 steps). Three seeds, good test
   # images' reconstruction error without -> with it: washer 0.078 / 0.134 / 0.189 -> 0.081 / 0.121 / 0.117,

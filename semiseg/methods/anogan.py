@@ -10,7 +10,6 @@ import optax
 
 from semiseg import augment
 from semiseg.methods import base
-from semiseg.methods.mean_teacher import ema, ema_decay_at
 from semiseg.models.dcgan import Discriminator, Generator, bottom_size
 
 
@@ -60,7 +59,8 @@ def train_step(state: base.TrainState, batch: base.Batch, *, g_model: Generator,
   new = state.replace(step=state.step + 1, params={'g': g_params, 'd': d_params},
                       opt_state={'g': g_opt, 'd': d_opt})
   if g_ema_decay > 0:
-    new = new.replace(extras={'g_ema': ema(state.extras['g_ema'], g_params, ema_decay_at(new.step, g_ema_decay))})
+    new = new.replace(extras={'g_ema': base.ema(state.extras['g_ema'], g_params,
+                                                base.ema_decay_at(new.step, g_ema_decay))})
   # 'loss' is the sum of the two players' losses: a health signal (finite, bounded), not a target.
   return new, {'loss': d_loss + g_loss, 'd_loss': d_loss, 'g_loss': g_loss}
 

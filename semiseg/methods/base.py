@@ -199,3 +199,16 @@ def step_key(state: TrainState) -> jax.Array:
 
 def count_params(params: Any) -> int:
   return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def ema(teacher, student, decay):
+  """teacher <- decay * teacher + (1 - decay) * student, leaf by leaf (Mean Teacher's teacher, AnoGAN's
+  averaged generator)."""
+  return jax.tree.map(lambda t, s: decay * t + (1.0 - decay) * s, teacher, student)
+
+
+def ema_decay_at(step: jax.Array, ema_decay: float) -> jax.Array:
+  """The reference code's warm-up (Tarvainen and Valpola 2017, update_ema_variables): the true average
+  of the students so far until the exponential average is the better estimate,
+  min(1 - 1 / (step + 1), ema_decay), ``step`` counting updates made (1 at the first)."""
+  return jnp.minimum(1.0 - 1.0 / (step.astype(jnp.float32) + 1.0), ema_decay)
