@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 class Scorer:
   """``method.score_map`` (or another per-image map, ``fn``: its reconstruction) jitted once for a fixed
-  batch, over any number of images; textures cut into tiles and stitched back."""
+  batch, over any number of images; textures cut into tiles and stitched back. ``fn`` may return a tuple
+  of maps (``method.score_with_reconstruction``); the scorer then returns a tuple of arrays."""
 
   def __init__(self, method: base.Method, state: base.TrainState, ctx: base.MethodContext, mesh,
                batch_size: int, fn=None):
@@ -31,13 +32,16 @@ class Scorer:
 
     def run(state, images_uint8):
       images = base.to_float(images_uint8)
-      if ctx.texture:
-        b, h, w, _ = images.shape
-        out = score_map(state, augment.to_tiles(images, tile))
+      if not ctx.texture:
+        return score_map(state, images)
+      b, h, w, _ = images.shape
+
+      def stitch(out):
         out = out[..., None] if out.ndim == 3 else out
         out = augment.from_tiles(out, b, h, w)
         return out[..., 0] if out.shape[-1] == 1 else out
-      return score_map(state, images)
+      out = score_map(state, augment.to_tiles(images, tile))
+      return tuple(map(stitch, out)) if isinstance(out, tuple) else stitch(out)
     self._jit = jax.jit(run)
     self._warm: set[int] = set()  # batch sizes already run (compiled)
 
@@ -46,9 +50,12 @@ class Scorer:
     outs = []
     for batch, count in self._batches(images_uint8_BxHxWx3):
       out = self._jit(self.state, batch)
-      outs.append(np.asarray(_gather(out))[:count])
+      outs.append(tuple(np.asarray(_gather(o))[:count] for o in out) if isinstance(out, tuple)
+                  else np.asarray(_gather(out))[:count])
       self._warm.add(self.batch_size)
-    return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+    if not outs:
+      return np.zeros((0,), np.float32)
+    return tuple(map(np.concatenate, zip(*outs))) if isinstance(outs[0], tuple) else np.concatenate(outs)
 
   def _batches(self, images: np.ndarray) -> Iterator[tuple[Any, int]]:
     for start in range(0, len(images), self.batch_size):
@@ -182,18 +189,29 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
   threshold on the labeled images by the paper's rule (``threshold_rule='labeled'``); the test-fitted
   ``oracle`` threshold is reported alongside, under that name, never as the main number.
   ``score_sink(split_name, scores_NxHxW)``, when given, sees the 'test' and 'train' score maps
-  (figures and overlays without scoring a second time). A method with a difference image to watch
+  (figures and overlays without scoring a second time), and 'test_reconstruction' ([N, H, W, 3]) from
+  a method with ``score_with_reconstruction``. A method with a difference image to watch
   (``method.monitor``: the AE) also gets ``trivial``, the same metrics of |I - M|, and ``colour``, those of
   the colour yardstick |W (I - M)| (``colour_quality``). ``extra`` is merged
   into the result (e.g. the training health).
   """
   num_bins = int(config.get('num_bins', 1000))
-  scorer = Scorer(method, state, ctx, mesh, config.eval_batch_size)
-  test_scores = scorer(data.test.images)
-  train_scores = scorer(data.labeled.images)
+  # A method whose reconstruction is a search (AnoGAN) scores and reconstructs in one pass: its
+  # reconstruction error, and Figure 6's reconstruction, are those its scores came from, at one search's cost.
+  joint = method.score_with_reconstruction
+  scorer = Scorer(method, state, ctx, mesh, config.eval_batch_size, fn=joint)
+  test_recon = None
+  if joint is not None:
+    test_scores, test_recon = scorer(data.test.images)
+    train_scores, _ = scorer(data.labeled.images)
+  else:
+    test_scores = scorer(data.test.images)
+    train_scores = scorer(data.labeled.images)
   if score_sink is not None:
     score_sink('test', test_scores)
     score_sink('train', train_scores)
+    if test_recon is not None:
+      score_sink('test_reconstruction', test_recon)
   rule = config.threshold_rule if method.score_kind == 'anomaly' else 'fixed'
   if rule not in ('labeled', 'oracle', 'fixed'):
     raise ValueError(f"config.threshold_rule must be 'labeled', 'oracle' or 'fixed', got {rule!r}.")
@@ -220,8 +238,10 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
     # |I - reconstruction| over the normal test images' pixels and channels. Not the score map, whose
     # blur and channel reduction (config.model.diff_blur, diff_channels) belong to the score.
     images = data.test.images[good]
-    recon = Scorer(method, state, ctx, mesh, config.eval_batch_size, fn=method.reconstruct)(images)
+    recon = (test_recon[good] if test_recon is not None else
+             Scorer(method, state, ctx, mesh, config.eval_batch_size, fn=method.reconstruct)(images))
     out['recon_error_good'] = float(np.abs(images.astype(np.float32) / 255.0 - recon).mean())
+  del test_recon
   if method.monitor is not None and method.score_kind == 'anomaly':  # D's yardstick: the AE, not Mean Teacher
     out['trivial'] = trivial_quality(data, num_bins, config.model.diff_channels)
     out['colour'] = colour_quality(data, num_bins)

@@ -229,15 +229,19 @@ def run_cell(cell: Cell, config, root: str, data, mesh, overlay_dir: str | None,
     fileio.write_json_atomic(os.path.join(wd, 'split.json'), data.manifest)
   held: dict[str, np.ndarray] = {}
   ev = evaluate.evaluate(result.method, result.state, result.data, result.ctx, result.mesh, config,
-                         workdir=None, score_sink=lambda k, s: held.__setitem__(k, s) if k == 'test' else None,
+                         workdir=None, score_sink=lambda k, s: held.__setitem__(k, s) if k != 'train' else None,
                          extra=restore.training_health(config, wd))
   scores = held.pop('test')
   inputs = np.load(os.path.join(root, cell.category, 'figure_inputs.npz'))
   idx = inputs['indices']
   maps = {'scores': scores[idx].astype(np.float16), 'threshold': np.float32(ev['threshold'])}
-  if result.method.reconstruct is not None and len(idx):
+  recon = held.pop('test_reconstruction', None)
+  if recon is not None:  # the reconstruction the scores came from (AnoGAN: the same search)
+    recon = recon[idx]
+  elif result.method.reconstruct is not None and len(idx):
     recon = evaluate.Scorer(result.method, result.state, result.ctx, result.mesh, len(idx),
                                fn=result.method.reconstruct)(data.test.images[idx])
+  if recon is not None and len(idx):
     maps['reconstruction'] = (np.clip(recon, 0, 1) * 255 + 0.5).astype(np.uint8)
   _save_npz(os.path.join(wd, 'figure_maps.npz'), **maps)
   if overlay_dir is not None and _is_main():

@@ -1,6 +1,7 @@
 """Evaluation: an anomaly-score threshold is fitted on the labeled images and never sees a test mask; the
 test-fitted one is reported only as the oracle; eval.json is strict JSON."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -127,6 +128,43 @@ def test_reconstruction_error_is_the_plain_mean_abs_difference_of_the_good_test_
   good = images[[0, 2, 3]].astype(np.float64) / 255.0
   assert out['recon_error_good'] == pytest.approx(np.abs(good - 0.5).mean(), rel=1e-5)
   assert out['recon_error_good'] < np.abs(good - 0.5).max(axis=-1).mean()
+
+
+def test_a_method_that_scores_with_its_reconstruction_is_searched_once_and_reports_that_reconstruction():
+  """AnoGAN's path (``score_with_reconstruction``): test and labeled scores, the good images'
+  reconstruction error and the sink's 'test_reconstruction' all come from the one joint map; the
+  separate ``reconstruct`` is never called. On a texture (tiles of 8 px of 16 px images) both maps are
+  stitched back: each pixel's reconstruction here is its own tile's index, checked against numpy."""
+  import dataclasses
+  rng = np.random.default_rng(2)
+  images = rng.integers(0, 256, (5, SIZE, SIZE, 3)).astype(np.uint8)
+  types = ['good', 'scratch', 'good', 'good', 'scratch']
+  masks = np.zeros((5, SIZE, SIZE), bool)
+  masks[1, :4, :4] = masks[4, 2:6, 2:6] = True
+  empty = split(np.zeros((0, SIZE, SIZE, 3), np.uint8), np.zeros((0, SIZE, SIZE), bool), [])
+  data = pipeline.CategoryData(unlabeled=empty, labeled=split(images[:2], masks[:2], types[:2]),
+                               test=split(images, masks, types), manifest={}, texture=True, image_size=SIZE // 2)
+
+  def joint(state, x):  # x: tiles [4 B, 8, 8, 3]; tile t of image b is row 4 b + t (row-major tiles)
+    tile_no = (jnp.arange(x.shape[0]) % 4).astype(jnp.float32)
+    recon = 0 * x + tile_no[:, None, None, None] / 4
+    return jnp.abs(x - recon).max(axis=-1), recon
+
+  def never(state, x):
+    raise AssertionError('the reconstruction was searched a second time')
+  method = dataclasses.replace(METHOD, reconstruct=never, score_map=never, score_with_reconstruction=joint)
+  seen = {}
+  out = evaluate.evaluate(method, None, data, base.MethodContext(image_size=SIZE // 2, texture=True, steps_per_epoch=1),
+                          sharding.create_mesh(), synthetic.get_config('washer,smoke'), time_it=False,
+                          score_sink=seen.__setitem__)
+  expect = np.zeros((SIZE, SIZE, 3))
+  for t, (r, c) in enumerate([(0, 0), (0, 8), (8, 0), (8, 8)]):
+    expect[r:r + 8, c:c + 8] = t / 4
+  x = images.astype(np.float64) / 255.0
+  np.testing.assert_allclose(seen['test_reconstruction'], np.broadcast_to(expect, x.shape), atol=1e-6)
+  np.testing.assert_allclose(seen['test'], np.abs(x - expect).max(-1), atol=1e-6)
+  np.testing.assert_allclose(seen['train'], np.abs(x[:2] - expect).max(-1), atol=1e-6)
+  assert out['recon_error_good'] == pytest.approx(np.abs(x[[0, 2, 3]] - expect).mean(), rel=1e-5)
 
 
 def test_timing_skips_the_warm_up_of_a_run_batch_size_and_stops_at_its_budget(monkeypatch):

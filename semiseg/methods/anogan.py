@@ -107,10 +107,17 @@ def reconstruct(state: base.TrainState, images_BxHxWx3: jax.Array, **search) -> 
   return search['g_model'].apply(generator_params(state), z_BxD)
 
 
+def score_with_reconstruction(state: base.TrainState, images_BxHxWx3: jax.Array, channels: str = 'mean',
+                              **search) -> tuple[jax.Array, jax.Array]:
+  """(score map, G(z*)) from one latent search: the score is the channel mean (or max,
+  config.model.diff_channels) of |I - G(z*)|, in [0, 1] (G ends in a sigmoid)."""
+  recon = reconstruct(state, images_BxHxWx3, **search)
+  return base.reduce_channels(jnp.abs(images_BxHxWx3 - recon), channels), recon
+
+
 def score_map(state: base.TrainState, images_BxHxWx3: jax.Array, channels: str = 'mean', **search) -> jax.Array:
-  """Anomaly score: the channel mean (or max, config.model.diff_channels) of |I - G(z*)|, in [0, 1] (G
-  ends in a sigmoid)."""
-  return base.reduce_channels(jnp.abs(images_BxHxWx3 - reconstruct(state, images_BxHxWx3, **search)), channels)
+  """Anomaly score: ``score_with_reconstruction``'s map alone."""
+  return score_with_reconstruction(state, images_BxHxWx3, channels, **search)[0]
 
 
 def init(key: jax.Array, *, g_model: Generator, d_model: Discriminator, tx_g, tx_d, image_size: int,
@@ -161,4 +168,5 @@ def create(config, ctx: base.MethodContext) -> base.Method:
       train_step=partial(train_step, g_model=g_model, d_model=d_model, tx_g=tx_g, tx_d=tx_d, spec=spec,
                          latent_dim=latent_dim, g_ema_decay=g_ema_decay),
       score_map=partial(score_map, channels=config.model.diff_channels, **search),
-      reconstruct=partial(reconstruct, **search))
+      reconstruct=partial(reconstruct, **search),
+      score_with_reconstruction=partial(score_with_reconstruction, channels=config.model.diff_channels, **search))

@@ -41,6 +41,8 @@ class Method:
     solve: closed-form methods (pca): pure (state, unlabeled images_NxHxWx3 uint8) -> solved state, run
       once instead of train steps.
     reconstruct: optional (state, images) -> reconstruction, for figures.
+    score_with_reconstruction: optional (state, images) -> (score map, reconstruction) from one pass, for
+      a method whose reconstruction is costly (AnoGAN's latent search): evaluation then scores with it.
     extras: concrete arrays placed into a freshly initialized state's ``extras`` (init makes zeros of
       their shapes so that the state's structure, and so its checkpoint, is known before training).
   """
@@ -52,6 +54,7 @@ class Method:
   train_step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]] | None = None
   solve: Callable[[TrainState, jax.Array], TrainState] | None = None
   reconstruct: Callable[[TrainState, jax.Array], jax.Array] | None = None
+  score_with_reconstruction: Callable[[TrainState, jax.Array], tuple[jax.Array, jax.Array]] | None = None
   extras: Any = None  # arrays the loop puts into a fresh state's ``extras`` (e.g. the frozen AE)
   # A name: at every log step the loop logs, under it, how ``score_map`` does on the labeled images
   # (training data: their masks are labels): pixel AUROC for anomaly scores, defect IoU at
