@@ -108,18 +108,25 @@ def test_only_anomaly_maps_get_the_trivial_yardstick(run):
     METHOD = plain
 
 
-def test_reconstruction_error_is_the_plain_mean_abs_difference_of_the_good_test_images():
-  """eval.json's ``recon_error_good``: mean |I - reconstruction| over the good test images' pixels and
-  channels, computed here with numpy; not the score map (whose channel max would double it)."""
-  import dataclasses
-  rng = np.random.default_rng(1)
-  images = rng.integers(0, 256, (5, SIZE, SIZE, 3)).astype(np.uint8)
+def good_and_scratched(seed: int, texture: bool) -> tuple[np.ndarray, pipeline.CategoryData]:
+  """Five random test images, good / scratch / good / good / scratch (the good ones are test images 0, 2
+  and 3), the first two also the labeled split; a texture is scored in tiles of SIZE // 2."""
+  images = np.random.default_rng(seed).integers(0, 256, (5, SIZE, SIZE, 3)).astype(np.uint8)
   types = ['good', 'scratch', 'good', 'good', 'scratch']
   masks = np.zeros((5, SIZE, SIZE), bool)
   masks[1, :4, :4] = masks[4, 2:6, 2:6] = True
   empty = split(np.zeros((0, SIZE, SIZE, 3), np.uint8), np.zeros((0, SIZE, SIZE), bool), [])
   data = pipeline.CategoryData(unlabeled=empty, labeled=split(images[:2], masks[:2], types[:2]),
-                               test=split(images, masks, types), manifest={}, texture=False, image_size=SIZE)
+                               test=split(images, masks, types), manifest={}, texture=texture,
+                               image_size=SIZE // 2 if texture else SIZE)
+  return images, data
+
+
+def test_reconstruction_error_is_the_plain_mean_abs_difference_of_the_good_test_images():
+  """eval.json's ``recon_error_good``: mean |I - reconstruction| over the good test images' pixels and
+  channels, computed here with numpy; not the score map (whose channel max would double it)."""
+  import dataclasses
+  images, data = good_and_scratched(1, texture=False)
   grey = lambda state, x: 0.5 + 0 * x  # a 'model' that answers mid-grey everywhere
   method = dataclasses.replace(METHOD, reconstruct=grey,
                                score_map=lambda state, x: abs(x - 0.5).max(axis=-1))
@@ -136,14 +143,7 @@ def test_a_method_that_scores_with_its_reconstruction_is_searched_once_and_repor
   separate ``reconstruct`` is never called. On a texture (tiles of 8 px of 16 px images) both maps are
   stitched back: each pixel's reconstruction here is its own tile's index, checked against numpy."""
   import dataclasses
-  rng = np.random.default_rng(2)
-  images = rng.integers(0, 256, (5, SIZE, SIZE, 3)).astype(np.uint8)
-  types = ['good', 'scratch', 'good', 'good', 'scratch']
-  masks = np.zeros((5, SIZE, SIZE), bool)
-  masks[1, :4, :4] = masks[4, 2:6, 2:6] = True
-  empty = split(np.zeros((0, SIZE, SIZE, 3), np.uint8), np.zeros((0, SIZE, SIZE), bool), [])
-  data = pipeline.CategoryData(unlabeled=empty, labeled=split(images[:2], masks[:2], types[:2]),
-                               test=split(images, masks, types), manifest={}, texture=True, image_size=SIZE // 2)
+  images, data = good_and_scratched(2, texture=True)
 
   def joint(state, x):  # x: tiles [4 B, 8, 8, 3]; tile t of image b is row 4 b + t (row-major tiles)
     tile_no = (jnp.arange(x.shape[0]) % 4).astype(jnp.float32)

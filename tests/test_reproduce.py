@@ -270,3 +270,19 @@ def test_report_notes_name_a_collapsed_training_and_a_closed_difference_gate():
   assert reproduce.cell_notes(cell, {'diff_gate': {**gate, 'open': True}}) == []
   (note,) = reproduce.cell_notes(cell, {'health': {'collapsed': True, 'warnings': ['the loss ended at 0.2']}})
   assert 'training collapsed (the loss ended at 0.2)' in note
+
+
+def test_anogans_figure_reconstruction_is_the_one_its_scores_came_from(tmp_path):
+  """AnoGAN searches once per image: Figure 6's stored reconstruction and scores of a cell agree, i.e.
+  each score is the channel reduction (config.model.diff_channels) of |I - that reconstruction|,
+  recomputed here with numpy (to the uint8 / float16 storage's rounding). A second search from other
+  starting draws gives another reconstruction, which would not match."""
+  c = smoke_config()
+  c.methods, c.ablations = 'anogan', False
+  result = reproduce.reproduce(c, str(tmp_path), progress=False)
+  assert result.cells_run == ['washer/seed0/anogan'] and not result.cells_failed
+  maps = np.load(tmp_path / 'washer' / 'seed0' / 'anogan' / 'figure_maps.npz')
+  images = np.load(tmp_path / 'washer' / 'figure_inputs.npz')['images'].astype(np.float64) / 255
+  diff = np.abs(images - maps['reconstruction'].astype(np.float64) / 255)
+  expect = diff.max(-1) if c.model.diff_channels == 'max' else diff.mean(-1)
+  np.testing.assert_allclose(maps['scores'].astype(np.float64), expect, atol=1.5 / 255)
