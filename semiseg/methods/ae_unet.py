@@ -154,6 +154,9 @@ def prerequisites(config) -> dict[str, base.Prerequisite]:
                                   allow_collapsed_key='ae_allow_collapsed')}
 
 
+CONFIG_KEYS = unet.CONFIG_KEYS + ('model.unet_input', 'model.diff_gate')  # read by some methods only
+
+
 def create(config, ctx: base.MethodContext, trained: Mapping[str, base.TrainState]) -> base.Method:
   return create_with_ae(config, ctx, trained['ae'].params)
 
@@ -180,7 +183,7 @@ def create_with_ae(config, ctx: base.MethodContext, ae_params) -> base.Method:
     stream_fields = {'labeled': {'diff': partial(stored_differences, ae_params=ae_params, ae_model=ae_model,
                                                  sigma=sigma, tile=tile, scale=scale, gate=gate)}}
   return base.Method(
-      name='ae_unet', streams=('labeled',), score_kind='probability',
+      name='ae_unet', streams=('labeled',), score_kind='probability', config_keys=CONFIG_KEYS,
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size, in_channels=in_channels,
                    ae_abstract=ae_abstract),
       train_step=partial(train_step, model=model, ae_model=ae_model, tx=tx, spec=spec, mode=mode, sigma=sigma,

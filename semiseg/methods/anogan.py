@@ -132,6 +132,9 @@ def init(key: jax.Array, *, g_model: Generator, d_model: Discriminator, tx_g, tx
                          extras=extras)
 
 
+CONFIG_KEYS = ('anogan',)  # read by this method only (Method.config_keys)
+
+
 def create(config, ctx: base.MethodContext) -> base.Method:
   c = config.anogan
   features = tuple(int(f) for f in c.features)
@@ -162,7 +165,7 @@ def create(config, ctx: base.MethodContext) -> base.Method:
   search = dict(g_model=g_model, d_model=d_model, latent_dim=latent_dim, steps=int(c.search_steps),
                 learning_rate=float(c.search_learning_rate), weight=float(c.discrimination_weight))
   return base.Method(
-      name='anogan', streams=('unlabeled',), score_kind='anomaly',
+      name='anogan', streams=('unlabeled',), score_kind='anomaly', config_keys=CONFIG_KEYS,
       init=partial(init, g_model=g_model, d_model=d_model, tx_g=tx_g, tx_d=tx_d, image_size=ctx.image_size,
                    latent_dim=latent_dim, g_ema_decay=g_ema_decay),
       train_step=partial(train_step, g_model=g_model, d_model=d_model, tx_g=tx_g, tx_d=tx_d, spec=spec,

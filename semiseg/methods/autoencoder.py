@@ -151,6 +151,9 @@ def decay_every_steps(config, ctx: base.MethodContext) -> int:
   return int(steps)
 
 
+CONFIG_KEYS = ()  # the AE reads only keys other methods read too
+
+
 def create(config, ctx: base.MethodContext) -> base.Method:
   model = create_model(config)
   lr = config.ae_learning_rate or config.optim.learning_rate
@@ -159,7 +162,7 @@ def create(config, ctx: base.MethodContext) -> base.Method:
   sigma = float(config.model.diff_blur)
   reconstruction_loss(jnp.zeros((1, 16, 16, 1)), jnp.zeros((1, 16, 16, 1)), config.model.ae_loss)  # validate
   return base.Method(
-      name='ae', streams=('unlabeled',), score_kind='anomaly',
+      name='ae', streams=('unlabeled',), score_kind='anomaly', config_keys=CONFIG_KEYS,
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size),
       train_step=partial(train_step, model=model, tx=tx, spec=spec, loss_kind=config.model.ae_loss),
       score_map=partial(score_map, model=model, sigma=sigma, channels=config.model.diff_channels),

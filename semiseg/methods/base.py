@@ -70,6 +70,10 @@ class Method:
   # What the method decided when it was created from data (ae_unet: whether D enters), merged into
   # eval.json.
   info: dict[str, Any] | None = None
+  # Config groups and keys that this method reads and most others do not ('anogan', 'model.unet_norm'):
+  # a change to one leaves the other methods' finished grid cells finished (semiseg.grid.fingerprint).
+  # A key no method declares is read by all. Each method module also exports it as CONFIG_KEYS.
+  config_keys: tuple[str, ...] = ()
 
   @property
   def predict(self) -> Callable[[TrainState, jax.Array], jax.Array]:

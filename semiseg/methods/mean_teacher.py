@@ -60,6 +60,9 @@ def init(key: jax.Array, *, model: UNet, tx, image_size: int) -> base.TrainState
 validate = unet.validate  # the U-Net's size check
 
 
+CONFIG_KEYS = unet.CONFIG_KEYS + ('consistency',)  # read by some methods only (Method.config_keys)
+
+
 def create(config, ctx: base.MethodContext) -> base.Method:
   model = unet.create_model(config)
   tx = base.optimizer_from_config(config, ctx)
@@ -69,7 +72,7 @@ def create(config, ctx: base.MethodContext) -> base.Method:
   if not 0 <= ema_decay < 1:
     raise ValueError(f'config.consistency.ema_decay must be in [0, 1), got {ema_decay}.')
   return base.Method(
-      name='mean_teacher', streams=('labeled', 'unlabeled'), score_kind='probability',
+      name='mean_teacher', streams=('labeled', 'unlabeled'), score_kind='probability', config_keys=CONFIG_KEYS,
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size),
       train_step=partial(train_step, model=model, tx=tx, spec=spec, max_weight=max_weight,
                          rampup_steps=rampup_steps, ema_decay=ema_decay),

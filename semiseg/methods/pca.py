@@ -86,6 +86,9 @@ def init(key: jax.Array, *, image_size: int, num_components: int, max_components
   return base.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=(), key=key)
 
 
+CONFIG_KEYS = ('pca',)  # read by this method only (Method.config_keys)
+
+
 def create(config, ctx: base.MethodContext) -> base.Method:
   c = config.pca
   num_components, variance, max_components = int(c.num_components), float(c.variance), int(c.max_components)
@@ -97,7 +100,7 @@ def create(config, ctx: base.MethodContext) -> base.Method:
   if num_components == 0 and max_components <= 0:
     raise ValueError(f'config.pca.max_components must be positive, got {max_components}.')
   return base.Method(
-      name='pca', streams=('unlabeled',), score_kind='anomaly',
+      name='pca', streams=('unlabeled',), score_kind='anomaly', config_keys=CONFIG_KEYS,
       init=partial(init, image_size=ctx.image_size, num_components=num_components,
                    max_components=max_components),
       solve=partial(solve, image_size=ctx.image_size, texture=ctx.texture, num_components=num_components,

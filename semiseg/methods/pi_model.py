@@ -39,13 +39,16 @@ def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, tx: op
 validate = unet.validate  # the U-Net's size check
 
 
+CONFIG_KEYS = unet.CONFIG_KEYS + ('consistency',)  # read by some methods only (Method.config_keys)
+
+
 def create(config, ctx: base.MethodContext) -> base.Method:
   model = unet.create_model(config)
   tx = base.optimizer_from_config(config, ctx)
   spec = base.augment_spec(config, ctx)
   max_weight, rampup_steps = consistency.settings(config)
   return base.Method(
-      name='pi_model', streams=('labeled', 'unlabeled'), score_kind='probability',
+      name='pi_model', streams=('labeled', 'unlabeled'), score_kind='probability', config_keys=CONFIG_KEYS,
       init=partial(unet.init, model=model, tx=tx, image_size=ctx.image_size),
       train_step=partial(train_step, model=model, tx=tx, spec=spec, max_weight=max_weight,
                          rampup_steps=rampup_steps),

@@ -57,12 +57,16 @@ def init(key: jax.Array, *, model: UNet, tx, image_size: int, in_channels: int =
                          key=state_key, extras=extras)
 
 
+# The keys only the U-Net family reads (Method.config_keys): changing one keeps the grid's other cells.
+CONFIG_KEYS = ('model.unet_features', 'model.unet_depth', 'model.unet_norm')
+
+
 def create(config, ctx: base.MethodContext) -> base.Method:
   model = create_model(config)
   tx = base.optimizer_from_config(config, ctx)
   spec = base.augment_spec(config, ctx)
   return base.Method(
-      name='unet', streams=('labeled',), score_kind='probability',
+      name='unet', streams=('labeled',), score_kind='probability', config_keys=CONFIG_KEYS,
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size),
       train_step=partial(train_step, model=model, tx=tx, spec=spec),
       score_map=partial(score_map, model=model))
