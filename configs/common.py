@@ -70,6 +70,8 @@ def get_base_config() -> config_dict.ConfigDict:
   """The paper's settings (section 4.2); dataset files override data fields and sizes."""
   c = config_dict.ConfigDict()
   c.method = 'ae_unet'  # one of semiseg.methods.METHODS
+  # Set by the arg's recipe=paper | recipe=semiseg (make_config), which also sets the recipe's keys.
+  c.recipe = 'paper'
   c.seed = 0  # model init, augmentation and batch order
 
   c.data = config_dict.ConfigDict()
@@ -238,95 +240,114 @@ def smoke(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
 
 
 def cpu(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
-  """The paper's method at a size a 2-core CPU trains in minutes, with the settings measured to work
-  there (README: "What makes the difference image useful", "The CPU config")."""
+  """Sizes a 2-core CPU trains in minutes (experiments/results/cpu_size.md); the recipe is set apart."""
   c.data.image_size = 64
-  # The U-Net family's labeled batch: 4 (of 4-5 labeled images, drawn with replacement) runs a step in
-  # half the time of 8 and trained as well (three seeds, washer / brick / pcb test defect IoU: U-Net
-  # 0.209 / 0.338 / 0.052 at 4 vs 0.197 / 0.252 / 0.073 at 8; AE + U-Net, its AE also at 4, 0.390 /
-  # 0.544 / 0.323 vs 0.347 / 0.601 / 0.350). The AE learns from the 210 unlabeled images and keeps 8:
-  # at 4 its D ranked pcb's pixels worse (AUROC 0.893 vs 0.915).
+  # Labeled batch 4 halves the U-Nets' step time against 8 at equal quality; the AE keeps 8 (cpu_size.md).
   c.batch_size = 4
   c.ae_batch_size = 8
-  # Pi-model and Mean Teacher: 4 unlabeled images (two views each) beside the labeled batch.
-  # Against 8 on the main job (one seed, labeled batch 8; test defect IoU washer / brick): Pi-model
-  # 0.203 / 0.381 vs 0.210 / 0.107, Mean Teacher 0.215 / 0.344 vs 0.218 / 0.491, in 70-80 % of the time.
+  # Pi-model and Mean Teacher: 4 unlabeled images beside the labeled batch, 70-80 % of 8's time (cpu_size.md).
   c.unlabeled_batch_size = 4
   c.model.unet_features = 16
   c.model.unet_depth = 3
-  # GroupNorm in every U-Net method (unet, pi_model, mean_teacher, ae_unet alike): without it the plain
-  # U-Net did not fit its 5 labeled images in 800 steps (train defect IoU 0.30-0.61 on washer / brick,
-  # loss still -16 to -47 % over the last fifth). With it (three seeds each, test defect IoU, plain ->
-  # group): U-Net washer 0.236 -> 0.230, brick 0.266 -> 0.632, pcb 0.055 -> 0.132, grass 0.449 -> 0.468,
-  # gravel 0.096 -> 0.234; AE + U-Net washer 0.339 -> 0.386, brick 0.556 -> 0.623, pcb 0.370 -> 0.479
-  # (README: "The U-Net family's normalization"). The base (paper) config keeps the plain U-Net.
-  c.model.unet_norm = 'group'
-  # Every U-Net method (unet, ae_unet, pi_model, mean_teacher): 800 steps at 1e-3, x0.8 every 135 steps
-  # (2.5 epochs of the embedded categories' 210 unlabeled images at batch 4), so the rate decays 5 times.
+  # Every U-Net method: 800 steps at 1e-3, x0.8 every 135 steps, so the rate decays 5 times
+  # (experiments/results/cpu_size.md; at convergence: experiments/results/table3_convergence.md).
   c.num_train_steps = 800
   c.optim.learning_rate = 1e-3
   c.optim.decay_every_steps = 135
   c.consistency.rampup_steps = 240  # 30 % of the run (Laine and Aila: 80 of 300 epochs)
-  # Mean Teacher's teacher averages the last ~1 / (1 - d) students: 20 steps (2.5 % of the run) here, not
-  # the base 0.99's 100 (12.5 %). At 0.99 the teacher passed a labeled-image IoU of 0.05 120-300 steps
-  # after the student, and on brick seed 0 the student fell back to all-background at step 400 with the
-  # teacher still there and never recovered (test IoU 0.000); at 0.95 it follows in 0-60 steps.
-  # Six brick seeds, test defect IoU: 0.000-0.512 (mean 0.283) at 0.99, 0.210-0.383 (mean 0.284) at 0.95;
-  # washer, three seeds: 0.185 vs 0.189 (README: "Mean Teacher's teacher").
+  # The teacher averages ~20 students (2.5 % of the run); 0.99 lagged and froze at all-background
+  # (experiments/results/mean_teacher_teacher.md).
   c.consistency.ema_decay = 0.95
-  # The AE: a spatial code (4x4x8 at 64 px) on per-image standardized inputs, no warps, 2000 steps at
-  # 2e-3; D blurred by 1 px, taken of the stored image and divided by its 99th percentile for the U-Net.
-  # 2000 steps: the AE's loss fell 29 % from step 1000 to 2000 and 3 % from 2000 to 3000 (washer),
-  # and D's test pixel AUROC rose with it (seed 0, washer / pcb: 0.917 / 0.942 at 1000 steps, 0.947 /
-  # 0.949 at 2000; washer 0.952 at 3000).
+  # The AE: 4 levels, 2000 steps at 1.2e-3, x0.8 every 400 steps, its own schedule so a change of the
+  # U-Nets' reuses the trained AE (experiments/results/ae_schedule.md).
   c.model.ae_features = (16, 32, 64, 64)
-  c.model.ae_bottleneck = 'conv'
-  c.model.latent_dim = 8
-  c.model.ae_normalize = 'image'
-  c.ae_augment = 'none'
   c.ae_num_train_steps = 2000
-  # The AE's schedule: 1.2e-3, x0.8 every 400 of its 2000 steps (the rate ends at 0.33x). The former
-  # 2e-3 x0.8 / 135 had decayed to 0.04x while pcb's AE was still learning, and D followed how far each
-  # seed got (pcb, five seeds: 0.955 / 0.949 / 0.935 / 0.911 / 0.896 -> 0.960 / 0.960 / 0.955 / 0.961 /
-  # 0.950). Three seeds, D's test pixel AUROC, 135 -> 400: washer 0.963 -> 0.973, brick 0.970 -> 0.970,
-  # pcb 0.946 -> 0.958, grass 0.708 -> 0.755, gravel 0.665 -> 0.673, every AE at a lower final loss. At
-  # 2e-3 x0.8 / 400 the texture AEs' loss spiked after their plateau (gravel to 29 at step 260) and
-  # gravel seed 2 ended near-constant (README: "The AE's schedule").
   c.ae_learning_rate = 1.2e-3
-  # The AE's schedule is its own, so a change of the U-Net family's schedule (optim.decay_every_steps)
-  # reuses the trained AE instead of retraining it on another one.
   c.ae_decay_every_steps = 400
-  c.model.diff_blur = 1.0
-  # Score maps take the channel max of |I - reconstruction|: the colour defects (pcb's 'color', washer's
-  # 'stain') show in one channel, which the mean divides by 3. Same AEs (2000 steps, seed 0), test pixel
-  # AUROC mean -> max: washer 0.947 -> 0.959, pcb 0.949 -> 0.956; brick (1000 steps) 0.971 -> 0.970.
-  # The trivial |I - M| is reduced alike: 0.833 -> 0.859, 0.780 -> 0.783, 0.888 -> 0.899.
-  c.model.diff_channels = 'max'
-  c.model.diff_on = 'stored'
-  c.model.diff_scale = 'p99'
-  # D enters only where it ranks the labeled images' defect pixels better than |I - M| (three seeds, five
-  # categories: it does on washer, brick and pcb and never on grass and gravel, whose AEs do not learn
-  # the texture). Test defect IoU of AE + U-Net, always -> gated: gravel 0.068 -> 0.269 (U-Net 0.234),
-  # grass 0.475 -> 0.453 (U-Net 0.468); washer, brick, pcb unchanged (README: "When D enters").
-  c.model.diff_gate = 'trivial'
   c.anogan.latent_dim = 64
   c.anogan.features = (16, 32, 64, 64)
-  # Latent search steps per test image, AnoGAN's largest cost (measured against DCGAN steps below).
-  c.anogan.search_steps = 25
-  # DCGAN steps, washer seed 0, good test images' reconstruction error at 25 / 50 / 100 / 200 search
-  # steps (the AE: 0.022; the nearest unlabeled image: 0.051) and the cell's seconds: 1600 steps 0.119 /
-  # 0.115 / 0.111 / 0.110, 48 s; 4000: 0.078 / 0.074 / 0.071 / 0.069, 65 s; 8000: 0.063 / 0.058 / 0.054
-  # / 0.052, 133 s. Brick at 1600 / 4000 / 8000: 0.094 / 0.098 / 0.072 (AE 0.023). 4000 costs the main
-  # job what 1600 did before the faster generator (cells 82 / 110 s); 8000 would add ~70 s per category
-  # (README: "AnoGAN at the CPU budget").
+  # AnoGAN: 4000 DCGAN steps at batch 8 and 25 latent search steps per test image fit the main job's
+  # budget; more steps lower the reconstruction error slowly (experiments/results/anogan_cpu_budget.md).
   c.anogan.num_train_steps = 4000
-  # The search inverts the EMA of the generators (the last ~1000 of 4000 steps). Three seeds, good test
-  # images' reconstruction error without -> with it: washer 0.078 / 0.134 / 0.189 -> 0.081 / 0.121 / 0.117,
-  # brick 0.098 / 0.085 / 0.087 -> 0.069 / 0.077 / 0.065; pixel AUROC brick 0.76 -> 0.85 (means).
-  c.anogan.g_ema_decay = 0.999
-  # The DCGAN keeps batch 8: at the U-Nets' 4 a step took as long (the step's fixed costs dominate) and
-  # the generator reproduced washer worse (good test images' reconstruction error 0.165 vs 0.110).
+  c.anogan.search_steps = 25
   c.anogan.batch_size = 8
   c.log_every_steps = 20
   c.ckpt.every_steps = 200
   return c
+
+
+SIZES = ('smoke', 'cpu', 'paper')
+
+
+def paper_recipe(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+  """The paper's text wherever it speaks (the base config's values of the recipe keys)."""
+  c.recipe = 'paper'
+  c.model.unet_norm = 'none'
+  c.model.ae_bottleneck = 'dense'
+  c.model.latent_dim = 500
+  c.model.ae_normalize = 'none'
+  c.ae_augment = 'same'
+  c.model.diff_blur = 0.0
+  c.model.diff_channels = 'mean'
+  c.model.diff_scale = 'none'
+  c.model.diff_gate = 'none'
+  c.anogan.g_ema_decay = 0.0
+  return c
+
+
+def semiseg_recipe(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+  """The project's measured recipe: each departure from the paper with its study
+  (experiments/results/recipes.md lists them)."""
+  c.recipe = 'semiseg'
+  # GroupNorm after every 3x3 convolution of every U-Net method: the plain U-Net did not fit its labeled
+  # images at the CPU budget (experiments/results/normalization.md).
+  c.model.unet_norm = 'group'
+  # The AE: a spatial code of 8 channels on per-image standardized inputs, trained without warps; the
+  # paper's dense code did not learn the textures (experiments/results/difference_image.md).
+  c.model.ae_bottleneck = 'conv'
+  c.model.latent_dim = 8
+  c.model.ae_normalize = 'image'
+  c.ae_augment = 'none'
+  # D blurred by 1 px, reduced by the channel max (colour defects show in one channel) and divided by its
+  # 99th percentile for the U-Net (experiments/results/difference_image.md).
+  c.model.diff_blur = 1.0
+  c.model.diff_channels = 'max'
+  c.model.diff_scale = 'p99'
+  # D enters only where it ranks the labeled images' defect pixels better than |I - M|
+  # (experiments/results/diff_gate.md).
+  c.model.diff_gate = 'trivial'
+  # AnoGAN's latent search inverts an average of the generators (experiments/results/anogan_cpu_budget.md).
+  c.anogan.g_ema_decay = 0.999
+  return c
+
+
+RECIPES = {'paper': paper_recipe, 'semiseg': semiseg_recipe}
+
+
+def make_config(arg: str | None, *, where: str, dataset: str, category: str, categories: tuple[str, ...],
+                default_size: str, default_recipe: str, sizes: dict | None = None):
+  """The one way a dataset file builds its config from the arg: base, category, size, recipe, smoke, pairs.
+
+  ``sizes`` maps a size word to a function run after ``cpu`` (e.g. the folder's larger CPU input).
+  Returns the config and the arg's remaining ``key=value`` pairs, to be applied by the caller.
+  """
+  words, pairs = parse_arg(arg)
+  recipe = pairs.pop('recipe', default_recipe)
+  if recipe not in RECIPES:
+    raise ValueError(f'{where}: recipe={recipe!r} is not a recipe; use recipe=paper or recipe=semiseg.')
+  c = get_base_config()
+  c.data.name = dataset
+  c.data.category = category
+  select_category(c, words, categories, SIZES, where)
+  size_words = [w for w in words if w in ('cpu', 'paper')]
+  if len(size_words) > 1:
+    raise ValueError(f'{where}: give one size word (cpu or paper), got {size_words}.')
+  size = size_words[0] if size_words else default_size
+  if size == 'cpu':
+    cpu(c)
+  for extra in (sizes or {}).get(size, ()):
+    extra(c)
+  RECIPES[recipe](c)
+  if 'smoke' in words:
+    smoke(c)
+  return c, pairs

@@ -1,12 +1,14 @@
-"""The embedded default dataset (``synthetic_defects``): the paper's method sized for a CPU.
+"""The embedded default dataset (``synthetic_defects``), at the CPU size with the project's recipe.
 
 Usage:
   python -m experiments.train --config configs/synthetic.py:brick --workdir runs/brick
   python -m experiments.train --config configs/synthetic.py:washer,method=unet,smoke --workdir /tmp/w
   python -m experiments.evaluate --config configs/synthetic.py:brick --workdir runs/brick
 
-Arg words: a category (brick, grass, gravel, washer, pcb; default brick), ``smoke`` (seconds on a
-CPU), ``paper`` (the paper's sizes: 256 px, 64 features, latent 500, 200 epochs); ``key=value`` sets any key.
+Arg words: a category (brick, grass, gravel, washer, pcb; default brick); a size: ``cpu`` (default),
+``paper`` (the paper's: 256 px, 64 features, 200 epochs) or ``smoke`` (seconds on a CPU);
+``recipe=semiseg`` (default: the recipe the embedded data's results were measured with) or
+``recipe=paper``; ``key=value`` sets any key.
 """
 
 from configs import common
@@ -14,14 +16,9 @@ from semiseg.data.categories import SYNTHETIC_CATEGORIES
 
 
 def get_config(arg: str | None = None):
-  words, pairs = common.parse_arg(arg)
-  c = common.get_base_config()
-  c.data.name = 'synthetic_defects'
-  c.data.category = 'brick'
-  common.select_category(c, words, SYNTHETIC_CATEGORIES, ('smoke', 'paper'), 'configs/synthetic.py')
-  if 'paper' not in words:
-    common.cpu(c)
-  if 'smoke' in words:
-    common.smoke(c)
-  common.apply_pairs(c, pairs, 'configs/synthetic.py')
+  where = 'configs/synthetic.py'
+  c, pairs = common.make_config(arg, where=where, dataset='synthetic_defects', category='brick',
+                                categories=SYNTHETIC_CATEGORIES, default_size='cpu',
+                                default_recipe='semiseg')
+  common.apply_pairs(c, pairs, where)
   return c

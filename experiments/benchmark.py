@@ -87,7 +87,7 @@ def settings(names: list[str], platform: str):
   for name in names:
     if name not in SHAPES:
       raise app.UsageError(f'--shapes: unknown setting {name!r}; use any of {SHAPES}.')
-    config = synthetic.get_config({'cpu': 'washer', 'paper': 'washer,paper', 'smoke': 'washer,smoke'}[name])
+    config = synthetic.get_config({'cpu': 'washer', 'paper': 'washer,paper,recipe=paper', 'smoke': 'washer,smoke'}[name])
     repeats = FLAGS.repeats
     if name == 'paper':
       config.batch_size = 2 if platform == 'cpu' else 16

@@ -19,6 +19,8 @@ ARGS = [
     *[(synthetic, c) for c in SYNTHETIC_CATEGORIES],
     (mvtec, None), (mvtec, 'smoke'), *[(mvtec, c) for c in MVTEC_CATEGORIES],
     (mvtec, 'carpet,method=unet'), (folder, None), (folder, 'smoke'), (folder, 'cpu,texture=true'),
+    (mvtec, 'bottle,recipe=semiseg'), (mvtec, 'cpu,recipe=semiseg'), (folder, 'cpu,recipe=paper'),
+    (synthetic, 'paper,recipe=paper'),
 ]
 
 
@@ -117,3 +119,59 @@ def test_placeholders_accept_overrides():
   with pytest.raises(TypeError):
     c.batch_size = 'x'
   assert isinstance(c.data, config_dict.ConfigDict)
+
+
+def flat(c, prefix=''):
+  out = {}
+  for key, value in c.items():
+    if isinstance(value, config_dict.ConfigDict):
+      out.update(flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+# The keys experiments/results/recipes.md lists as the recipes' difference, with each recipe's value.
+RECIPE_KEYS = {
+    'model.unet_norm': ('none', 'group'), 'model.ae_bottleneck': ('dense', 'conv'),
+    'model.latent_dim': (500, 8), 'model.ae_normalize': ('none', 'image'), 'ae_augment': ('same', 'none'),
+    'model.diff_blur': (0.0, 1.0), 'model.diff_channels': ('mean', 'max'), 'model.diff_scale': ('none', 'p99'),
+    'model.diff_gate': ('none', 'trivial'), 'anogan.g_ema_decay': (0.0, 0.999),
+}
+
+
+@pytest.mark.parametrize('module,size', [(synthetic, 'cpu'), (synthetic, 'paper'), (mvtec, 'cpu'),
+                                         (mvtec, 'paper'), (folder, 'cpu'), (folder, 'paper')])
+def test_the_recipes_differ_exactly_in_the_documented_keys(module, size):
+  paper = flat(module.get_config(f'{size},recipe=paper'))
+  ours = flat(module.get_config(f'{size},recipe=semiseg'))
+  differ = {k for k in paper if paper[k] != ours[k]}
+  assert differ == set(RECIPE_KEYS) | {'recipe'}
+  assert (paper['recipe'], ours['recipe']) == ('paper', 'semiseg')
+  for key, (paper_value, our_value) in RECIPE_KEYS.items():
+    assert (paper[key], ours[key]) == (paper_value, our_value), key
+
+
+def test_the_recipe_study_documents_every_recipe_key():
+  study = os.path.join(os.path.dirname(__file__), '..', 'experiments', 'results', 'recipes.md')
+  text = open(study).read()
+  for key in RECIPE_KEYS:
+    assert f'`{key}`' in text, key
+
+
+def test_each_config_files_default_recipe_and_size():
+  assert (synthetic.get_config().recipe, synthetic.get_config().data.image_size) == ('semiseg', 64)
+  assert (mvtec.get_config().recipe, mvtec.get_config().data.image_size) == ('paper', 256)
+  assert (folder.get_config().recipe, folder.get_config().data.image_size) == ('semiseg', 256)
+  assert folder.get_config('cpu').data.image_size == 128
+  # The recipe leaves the sizes alone, the size the recipe.
+  cpu_paper, cpu_ours = flat(mvtec.get_config('cpu,recipe=paper')), flat(mvtec.get_config('cpu'))
+  assert cpu_paper['num_train_steps'] == cpu_ours['num_train_steps'] == 800
+  assert cpu_paper['ae_learning_rate'] == cpu_ours['ae_learning_rate'] == 1.2e-3
+
+
+def test_a_bad_recipe_or_size_is_an_error_naming_the_word():
+  with pytest.raises(ValueError, match='recipe=.nope. is not a recipe; use recipe=paper or recipe=semiseg'):
+    synthetic.get_config('recipe=nope')
+  with pytest.raises(ValueError, match='one size word'):
+    mvtec.get_config('cpu,paper')
