@@ -219,10 +219,9 @@ def test_semi_supervised_step_advances_and_is_finite(method):
   assert set(metrics) == {'loss', 'ce', 'consistency', 'consistency_weight'} | extra
   assert all(np.isfinite(float(v)) for v in metrics.values())
   c = tiny_config(method).consistency
+  # Step 0: the ramp-up's start. The term's part of the loss and gradients is checked past the ramp-up,
+  # where it is not negligible (here w * c is ~5e-8 of the loss), in test_consistency.py.
   np.testing.assert_allclose(float(metrics['consistency_weight']), c.weight * np.exp(-5.0), rtol=1e-5)
-  np.testing.assert_allclose(float(metrics['loss']),
-                             float(metrics['ce'] + metrics['consistency_weight'] * metrics['consistency']),
-                             rtol=1e-5)
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, new.params)
   assert all(jax.tree.leaves(changed))
 
