@@ -100,3 +100,56 @@ def test_convergence_row_means_the_loss_over_the_last_windows_by_hand():
   assert report.convergence_row([{'step': 1}]) is None
   table = report.convergence_table([{'category': 'washer', 'method': 'unet', **row}])
   assert '| washer | 4 → 2 (-50 %) |' in table
+
+
+# The paper's column titles, written out from the paper (Tables 2, 3 and 4), and what each one holds:
+# (table, paper_results key). Not read from semiseg, so a title keyed to the wrong method fails here.
+PAPER_COLUMNS = {
+    'Table 2:': {'paper PCA': 'pca', 'paper AnoGan': 'anogan', 'paper AE': 'ae', 'paper Unet': 'unet',
+                 'paper Π^*': 'pi_model', 'paper Mean Teacher': 'mean_teacher', 'paper AE + Unet': 'ae_unet'},
+    'Table 3:': {'paper U-Net train': ('unet', 'train'), 'paper U-Net test': ('unet', 'test'),
+                 'paper AE + U-Net train': ('ae_unet', 'train'), 'paper AE + U-Net test': ('ae_unet', 'test')},
+    'Table 4:': {'paper w/o Data Aug': ('unet', 'no_aug'), 'paper Data Aug': ('unet', 'main'),
+                 'paper Diff': ('ae_unet', 'diff'), 'paper Original + Diff': ('ae_unet', 'main')},
+}
+PAPER_TABLES = {'Table 2:': paper_results.TABLE2_DEFECT_IOU, 'Table 3:': paper_results.TABLE3_TRAIN_TEST_IOU,
+                'Table 4:': paper_results.TABLE4_ABLATION_IOU}
+
+
+def markdown_columns(report_md: str, section: str) -> dict[str, dict[str, str]]:
+  """The first table under the '## <section>' heading of a rendered report: column title -> {row label -> cell}."""
+  text = report_md.split(f'\n## {section}', 1)[1].split('\n## ', 1)[0]
+  lines = [line for line in text.splitlines() if line.startswith('|')]
+  cells = [[c.strip() for c in line.strip('|').split('|')] for line in lines]
+  header, body = cells[0], cells[2:]
+  assert len(set(header)) == len(header), header
+  return {title: {row[0].strip('*'): row[i] for row in body} for i, title in enumerate(header)}
+
+
+def test_every_paper_column_of_tables_2_3_4_read_back_by_its_title():
+  """An MVTec report with every method, split and ablation on all 15 categories: each paper column, found by
+  its title in the rendered Markdown, holds paper_results' number for its method (and split or variant) in
+  every category row and in the mean row; each Table 2 paper column stands right after its method's own."""
+  categories = list(paper_results.TABLE1_SPLIT)
+  rows = []
+  for i, c in enumerate(categories):
+    for j, m in enumerate(paper_results.COLUMN_NAMES):
+      variants = {'unet': ('main', 'no_aug'), 'ae_unet': ('main', 'diff')}.get(m, ('main',))
+      for variant in variants:
+        for split in ('test', 'train'):
+          rows.append({**{k: 0.5 for k in metrics.METRIC_NAMES}, 'dataset': 'mvtec_ad', 'category': c,
+                       'method': m, 'seed': 0, 'variant': variant, 'split': split, 'ms_per_image': 1.0,
+                       'defect_iou': 0.001 * (i + 20 * j) + (0.0005 if split == 'train' else 0.0)})
+  text = report.build_markdown(dataset='mvtec_ad', rows=rows, timing=[], counts=paper_results.TABLE1_SPLIT,
+                               figures={}, overlay_dir=None, notes=[])
+  for section, titles in PAPER_COLUMNS.items():
+    columns = markdown_columns(text, section)
+    assert sorted(t for t in columns if t.startswith('paper ')) == sorted(titles), (section, list(columns))
+    for title, key in titles.items():
+      assert list(columns[title]) == categories + ['mean'], (section, title)
+      for c in categories + ['mean']:
+        want = PAPER_TABLES[section][c][key]
+        assert abs(float(columns[title][c]) - want) <= 5e-4, (section, title, c, columns[title][c], want)
+  header = list(markdown_columns(text, 'Table 2:'))
+  for title, m in PAPER_COLUMNS['Table 2:'].items():
+    assert header[header.index(title) - 1] == m, (title, header)
