@@ -1,21 +1,20 @@
 """What the loop watches besides the loss: a method's score map on the labeled images at log steps (pixel
-AUROC of an anomaly score, defect IoU of a probability), the best checkpoint by it, and at the end the
-run's health (a collapse must not pass silently).
+AUROC of an anomaly score, defect IoU of a probability), and at the end the run's health (a collapse
+must not pass silently).
 
 The labeled images are training data (their masks are the labels every U-Net method trains on), so
-ranking an AE's checkpoints by them uses no test label. ``health.json`` in the workdir records:
+watching an AE's score map on them uses no test label. ``health.json`` in the workdir records:
 
   collapsed: the run ended far above its best loss, or its reconstruction no longer depends on its
     input (near-constant), with the numbers in ``warnings``;
   loss_best / loss_end: running medians (5 log steps) of the logged loss, best and last;
   recon_spread: across the labeled images, the per-pixel spread of the reconstruction over that of
     the images (1: follows the images; 0: the same output for every image);
-  <monitor>: the last value; best_step / best_value: the selected checkpoint's.
+  <monitor>: the last value.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -27,7 +26,6 @@ from semiseg import curves, evaluate, fileio
 log = logging.getLogger(__name__)
 
 HEALTH = 'health.json'
-BEST_DIR = 'best'  # Orbax folder of the checkpoint with the best monitor value (beside ckpt/)
 # A run ends "far above its best" when its last smoothed loss is this many times its best one.
 LOSS_RATIO = 2.0
 # Reconstructions spread less than this fraction of the images' own spread count as near-constant.
@@ -116,20 +114,8 @@ def health(metrics_path: str, name: str | None) -> dict:
   return out
 
 
-@dataclasses.dataclass
-class Best:
-  """The best monitor value so far and its step (restored from the best checkpoint's meta on resume)."""
-  value: float = -np.inf
-  step: int | None = None
-
-  def improves(self, value: float) -> bool:
-    return bool(np.isfinite(value)) and value > self.value
-
-
-def write_health(workdir: str, name: str | None, best: Best | None) -> dict:
+def write_health(workdir: str, name: str | None) -> dict:
   h = health(os.path.join(workdir, 'metrics.jsonl'), name)
-  if best is not None and best.step is not None:
-    h['best_step'], h['best_value'] = best.step, float(best.value)
   for w in h['warnings']:
     log.warning('%s: %s.', workdir, w)
   fileio.write_json_atomic(os.path.join(workdir, HEALTH), h)

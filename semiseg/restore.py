@@ -84,8 +84,6 @@ def validate_config(config) -> None:
     raise ValueError(f'config.log_every_steps must be positive, got {config.log_every_steps}.')
   if config.data.k_labeled < 1:
     raise ValueError(f'config.data.k_labeled must be at least 1, got {config.data.k_labeled}.')
-  if config.data.split not in ('paper', 'k_per_defect'):
-    raise ValueError(f"config.data.split must be 'paper' or 'k_per_defect', got {config.data.split!r}.")
   if config.data.test_to_unlabeled < 0:
     raise ValueError(f'config.data.test_to_unlabeled must be >= 0, got {config.data.test_to_unlabeled}.')
   if config.data.image_size <= 0:
@@ -191,18 +189,6 @@ def _restore_from(ckpt: checkpoint.Checkpointer, method: base.Method, config, me
     ckpt.close()
 
 
-def restore_selected(method: base.Method, config, workdir: str, mesh, fallback: base.TrainState) -> base.TrainState:
-  """The checkpoint a ``select_best`` method's users get (the best by its monitor), else ``fallback``."""
-  restored = _restore_from(checkpoint.Checkpointer(workdir, 1, 1, subdir=monitor.BEST_DIR), method, config, mesh)
-  if restored is None:
-    log.warning('%s: no %s/ checkpoint to select; using the last one.', workdir, monitor.BEST_DIR)
-    return fallback
-  state, meta, step = restored
-  log.info('%s: selected the checkpoint of step %d (%s = %.4f).', workdir, step, meta.get('monitor'),
-           meta.get('monitor_value', float('nan')))
-  return state
-
-
 def training_health(config, workdir: str) -> dict:
   """What eval.json records of the training: the run's health.json and its prerequisites' (if any)."""
   out = {}
@@ -241,8 +227,7 @@ def write_training_curves(config, workdir: str) -> str | None:
 
 
 def restore_trained(config, workdir: str, mesh=None, data=None):
-  """(method, state, data, ctx, mesh) from a finished workdir, for evaluation and prediction; a
-  ``select_best`` method (the AE with config.ae_select='labeled_auroc') gives its selected checkpoint."""
+  """(method, state, data, ctx, mesh) from a finished workdir, for evaluation and prediction."""
   config = categories.apply_category_rules(config)
   method, data, ctx, mesh, _ = build(config, workdir, mesh, data)
   restored = _restore_from(checkpoint.Checkpointer(workdir, config.ckpt.every_steps, config.ckpt.keep), method,
@@ -258,6 +243,4 @@ def restore_trained(config, workdir: str, mesh=None, data=None):
   if not meta.get('done', True):
     log.warning('%s: checkpoint at step %s of %s (training not finished).', workdir, meta.get('step'),
                 meta.get('num_train_steps'))
-  if method.select_best:
-    state = restore_selected(method, config, workdir, mesh, state)
   return method, state, data, ctx, mesh

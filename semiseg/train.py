@@ -182,52 +182,25 @@ def _train_locked(config, workdir, mesh, data, progress) -> TrainResult:
       raise ValueError(f'{ckpt.directory} holds a checkpoint at step {step}, past this config\'s '
                        f'{total} training steps: it was trained longer than asked. Use another --workdir '
                        f'or set config.num_train_steps={step}.')
-    best = _best_so_far(method, config, workdir)
     loop_timing = None
     if step < total:
-      state, loop_timing = _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, progress,
-                                 best)
+      state, loop_timing = _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, progress)
     elif ckpt.latest_step() is None:  # zero steps asked for: still leave a checkpoint
       ckpt.save(step, state, restore.checkpoint_meta(config, step, total, True), force=True)
     ckpt.wait()
     if jax.process_index() == 0 and method.monitor is not None:
-      monitor.write_health(workdir, method.monitor, best)
-    if best is not None and best.step is not None:  # the method's users get the selected checkpoint
-      state = restore.restore_selected(method, config, workdir, mesh, state)
+      monitor.write_health(workdir, method.monitor)
     return TrainResult(method, state, data, ctx, mesh, total, resumed, loop_timing)
   finally:
     ckpt.close()
 
 
-def _best_so_far(method, config, workdir) -> monitor.Best | None:
-  """For a method that keeps its best checkpoint: the value and step saved so far (on resume)."""
-  if not method.select_best:
-    return None
-  best = monitor.Best()
-  meta = _best_checkpointer(config, workdir).latest_meta() if os.path.isdir(
-      os.path.join(workdir, monitor.BEST_DIR)) else None
-  if meta and meta.get('monitor_value') is not None:
-    best.value, best.step = float(meta['monitor_value']), int(meta['step'])
-  return best
+def _watch(watcher, state) -> dict:
+  """The monitor's values at a log step."""
+  return {k: (v if np.isfinite(v) else None) for k, v in watcher(state).items()}  # strict JSON: null, not NaN
 
 
-def _best_checkpointer(config, workdir) -> checkpoint.Checkpointer:
-  return checkpoint.Checkpointer(workdir, 1, 1, subdir=monitor.BEST_DIR)
-
-
-def _watch(watcher, best, best_ckpt, config, state, step, total) -> dict:
-  """The monitor's values at a log step; a new best is saved as the selected checkpoint."""
-  values = watcher(state)
-  value = values.get(watcher.name, float('nan'))
-  values = {k: (v if np.isfinite(v) else None) for k, v in values.items()}  # strict JSON: null, not NaN
-  if best is not None and best.improves(value):
-    best.value, best.step = value, step
-    best_ckpt.save(step, state, {**restore.checkpoint_meta(config, step, total, False), 'monitor': watcher.name,
-                                 'monitor_value': value}, force=True)
-  return values
-
-
-def _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, progress, best):
+def _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, progress):
   """Runs steps ``step + 1 .. total`` and keeps the device busy: the host does not wait for a step
   between log steps (metrics stay on the device, ``_tracked_step`` watches them for non-finite
   values), the next batch goes to the device while the current step runs, and a checkpoint's digest
@@ -248,7 +221,6 @@ def _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, pr
   compile_s, t_first, first_step = None, None, step + 1
   watcher = (monitor.Monitor(method, ctx, mesh, data.labeled, float(config.threshold))
              if method.monitor is not None else None)
-  best_ckpt = _best_checkpointer(config, workdir) if best is not None else None
   batch = next(batches)
   _, abstract_metrics = jax.eval_shape(method.train_step, state, batch)
   checkpoint.compile_digest(state)  # now, not at the first save
@@ -274,8 +246,7 @@ def _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, pr
         t_last, n_last = time.perf_counter(), pending[0]
         pending = None
       log_step = step % config.log_every_steps == 0
-      watched = (_watch(watcher, best, best_ckpt, config, state, step, total)
-                 if watcher is not None and (log_step or step == total) else {})
+      watched = _watch(watcher, state) if watcher is not None and (log_step or step == total) else {}
       reset = False
       if ckpt.should_save(step) or step == total:  # checked before it is saved: no non-finite checkpoint
         _flush((step, watched, track), config, metrics_path, is_main, bar, t_last, n_last,
@@ -290,8 +261,6 @@ def _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, pr
     t_end = time.perf_counter()
   finally:
     bar.close()
-    if best_ckpt is not None:
-      best_ckpt.close()
   if is_main:
     log.info('%s: %d steps done; first step (compile) %.1f s', config.method, total, compile_s or 0.0)
   return state, LoopTiming(steps=total - first_step, seconds=t_end - t_first, images_per_step=images_per_step,

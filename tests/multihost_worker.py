@@ -95,13 +95,14 @@ def cmd_train(args) -> dict:
   import numpy as np
   from configs import synthetic
   from semiseg import evaluate, train
+  from semiseg.methods import unet
   results = {}
   for steps in [int(s) for s in args.steps.split(',')]:
     # Head prior 0.5: with the default 0.01 the tiny U-Net's first gradients are ~1e-7, so Adam's
     # g / sqrt(v) turns float rounding of the cross-host sums into lr-sized steps and the one-process
     # reference drifts by chance; at 0.5 every pixel gives a real gradient.
-    config = synthetic.get_config(f'washer,smoke,num_train_steps={steps},ae_num_train_steps=2,'
-                                  'model.unet_prior=0.5')
+    unet.PRIOR = 0.5  # read when the U-Net is created
+    config = synthetic.get_config(f'washer,smoke,num_train_steps={steps},ae_num_train_steps=2')
     result = train.train(config, args.workdir, progress=False)
     results[steps] = result
   ev = evaluate.evaluate(result.method, result.state, result.data, result.ctx, result.mesh, config,

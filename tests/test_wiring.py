@@ -38,11 +38,11 @@ def restore_params(workdir: str):
 
 
 def test_ae_unet_feeds_the_unet_the_difference_image_of_the_trained_ae(tmp_path):
-  # ae_unet: trains its AE first in <workdir>/ae. D of the warped view here, so that the U-Net's input
-  # holds the image D was taken of (diff_on='stored' is checked below, step by step); D divided by its
+  # ae_unet: trains its AE first in <workdir>/ae. The U-Net trains on D of the stored labeled images,
+  # computed once by the loop (warped with its image step by step: checked below); D divided by its
   # 99th percentile over the unlabeled images (the CPU preset's diff_scale='p99'). A 4-step AE's D does not
   # beat |I - M| on the labeled images, so the CPU preset's gate is opened by hand (diff_gate='none').
-  config = synthetic.get_config('washer,smoke,model.diff_on=warped,model.diff_gate=none')
+  config = synthetic.get_config('washer,smoke,model.diff_gate=none')
   assert config.model.diff_scale == 'p99'
   wd = str(tmp_path / 'run')
   seen = []
@@ -56,7 +56,6 @@ def test_ae_unet_feeds_the_unet_the_difference_image_of_the_trained_ae(tmp_path)
     mp.setattr(ae_unet, 'unet_input', spy)
     result = train.train(config, wd, progress=False)
     jax.effects_barrier()
-    in_training = [x for (x,) in seen]
     seen.clear()
     restored = restore.restore_trained(config, wd)  # as experiments.evaluate does: the AE from <workdir>/ae
     evaluate.evaluate(*restored, config, time_it=False)
@@ -73,10 +72,11 @@ def test_ae_unet_feeds_the_unet_the_difference_image_of_the_trained_ae(tmp_path)
                                          mode='nearest', truncate=3.0)
   unlabeled = result.data.unlabeled.images.astype(np.float32) / 255.0
   p99 = np.percentile(difference(ae_params, unlabeled), 99)
-  assert len(in_training) == config.num_train_steps
-  for inputs in in_training:  # [B, H, W, 6]: the augmented image, then D
-    assert inputs.shape == (config.batch_size, 32, 32, 6)
-    np.testing.assert_allclose(inputs[..., 3:], difference(ae_params, inputs[..., :3]) / p99, atol=1e-4)
+  labeled = result.data.labeled.images
+  # The D the loop hands every batch (the trained run's own AE arrays were donated to its steps: the
+  # restored method's are the same).
+  handed = restored[0].stream_fields['labeled']['diff'](labeled)
+  np.testing.assert_allclose(handed, difference(ae_params, labeled.astype(np.float32) / 255.0) / p99, atol=1e-4)
   test_images = result.data.test.images.astype(np.float32) / 255.0
   rows = [int(np.argmin(np.abs(in_evaluation[..., :3] - image).max(axis=(1, 2, 3)))) for image in test_images]
   np.testing.assert_allclose(in_evaluation[rows, ..., :3], test_images, atol=1e-6)  # every test image, as is
@@ -154,15 +154,15 @@ class _Spy:
 
 
 @pytest.mark.parametrize('texture', [False, True])
-def test_diff_on_stored_warps_the_difference_image_of_the_stored_image(texture):
-  """config.model.diff_on='stored': the U-Net trains on W(I) and W(|I - AE(I)|), D taken of the stored
-  image (textures: tile by tile, as evaluation does), not |W(I) - AE(W(I))|. Checked against D computed
+def test_the_unet_trains_on_the_warped_difference_image_of_the_stored_image(texture):
+  """The U-Net trains on W(I) and W(|I - AE(I)|), D taken of the stored image (textures: tile by tile,
+  as evaluation does), not |W(I) - AE(W(I))|. Checked against D computed
   here with the AE's Flax model and the project's warp (tested against scipy in test_augment.py)."""
   from semiseg import augment
   from semiseg.methods import base, testing
   size = 16
   config = testing.shrink(synthetic.get_config('washer,smoke,method=ae_unet'), image_size=size, batch_size=3,
-                          overrides={'model.diff_on': 'stored', 'model.ae_bottleneck': 'conv',
+                          overrides={'model.ae_bottleneck': 'conv',
                                      'model.diff_blur': 1.0})
   ctx = base.MethodContext(image_size=size, texture=texture, steps_per_epoch=10)
   method = testing.create_untrained(config, ctx)
@@ -175,9 +175,8 @@ def test_diff_on_stored_warps_the_difference_image_of_the_stored_image(texture):
   spec = base.augment_spec(config, ctx)
   kwargs = dict(model=spy, ae_model=ae_model, tx=tx, spec=spec, mode='image+diff', sigma=1.0,
                 tile=size if texture else None)
-  ae_unet.train_step(state, batch, diff_on='stored', **kwargs)
-  ae_unet.train_step(state, batch, diff_on='warped', **kwargs)
-  got_stored, got_warped = (np.asarray(x) for x in spy.inputs[:2])
+  ae_unet.train_step(state, batch, **kwargs)
+  got_stored = np.asarray(spy.inputs[0])
 
   images = batch['labeled']['image'].astype(np.float32) / 255.0
   if texture:  # four tiles of the 2x image, each through the AE on its own
@@ -192,9 +191,9 @@ def test_diff_on_stored_warps_the_difference_image_of_the_stored_image(texture):
   want, _, _ = augment.augment_batch(key, np.concatenate([images, diff], -1), None, spec)
   assert got_stored.shape == (3, size, size, 6)
   np.testing.assert_allclose(got_stored, np.asarray(want), atol=1e-5)
-  # Same warp of the image in both orders; D differs (the AE sees a rotated, shifted view in 'warped').
-  np.testing.assert_allclose(got_stored[..., :3], got_warped[..., :3], atol=1e-6)
-  assert np.abs(got_stored[..., 3:] - got_warped[..., 3:]).max() > 1e-3
+  # Not D of the warped view: the AE would see a rotated, shifted image.
+  warped_d = np.asarray(autoencoder.difference(ae_params, np.asarray(want)[..., :3], ae_model, 1.0))
+  assert np.abs(got_stored[..., 3:] - warped_d).max() > 1e-3
 
   # The loop computes D of the stored labeled images once (Method.stream_fields) and hands it with the
   # batch: the step then feeds the U-Net the same input without running the AE.
@@ -208,11 +207,11 @@ def test_diff_on_stored_warps_the_difference_image_of_the_stored_image(texture):
   loop_batch = next(train._batches(method, config, data, 0, sharding.create_mesh()))
   rows = [list(map(bytes, batch['labeled']['image'])).index(bytes(x)) for x in np.asarray(loop_batch['labeled']['image'])]
   np.testing.assert_allclose(np.asarray(loop_batch['labeled']['diff']), diff[rows], atol=1e-5)
-  ae_unet.train_step(state, {'labeled': {**batch['labeled'], 'diff': diff}}, diff_on='stored', **kwargs)
-  np.testing.assert_allclose(np.asarray(spy.inputs[2]), got_stored, atol=1e-5)
-  ae_unet.train_step(state, {'labeled': {**batch['labeled'], 'diff': np.zeros_like(diff)}}, diff_on='stored',
+  ae_unet.train_step(state, {'labeled': {**batch['labeled'], 'diff': diff}}, **kwargs)
+  np.testing.assert_allclose(np.asarray(spy.inputs[1]), got_stored, atol=1e-5)
+  ae_unet.train_step(state, {'labeled': {**batch['labeled'], 'diff': np.zeros_like(diff)}},
                      **kwargs)  # the handed D is what the U-Net gets: no AE run in the step
-  assert np.abs(np.asarray(spy.inputs[3])[..., 3:]).max() == 0
+  assert np.abs(np.asarray(spy.inputs[2])[..., 3:]).max() == 0
 
 
 def test_diff_scale_p99_divides_d_by_its_99th_percentile_over_the_unlabeled_images():
@@ -221,7 +220,7 @@ def test_diff_scale_p99_divides_d_by_its_99th_percentile_over_the_unlabeled_imag
   from semiseg.methods import base, testing
   size = 16
   config = testing.shrink(synthetic.get_config('washer,smoke,method=ae_unet'), image_size=size, batch_size=3,
-                          overrides={'model.diff_scale': 'p99', 'model.diff_on': 'warped'})
+                          overrides={'model.diff_scale': 'p99'})
   unlabeled = testing.fixed_batch(('unlabeled',), size, 40, seed=2)['unlabeled']['image']
   ctx = base.MethodContext(image_size=size, texture=False, steps_per_epoch=10, unlabeled=unlabeled)
   method = testing.create_untrained(config, ctx)

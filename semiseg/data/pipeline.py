@@ -31,7 +31,6 @@ class DataSpec:
   data_dir: str | None
   image_size: int
   texture: bool
-  split: str  # 'paper' | 'k_per_defect' (semiseg/data/split.py)
   k_labeled: int
   test_to_unlabeled: int
   split_seed: int
@@ -146,7 +145,7 @@ def load_category(data_config, workdir: str | None) -> CategoryData:
     raise ValueError(f'{where}: no unlabeled (train/good) images; add some to the category.')
   manifest = split_lib.load_or_create_manifest(
       workdir, [examples[f][2] for f in test], test, train, spec.k_labeled, spec.split_seed,
-      rule=spec.split, test_to_unlabeled=spec.test_to_unlabeled,
+      test_to_unlabeled=spec.test_to_unlabeled,
       test_tiles=(spec.stored_size // spec.image_size) ** 2, dataset=spec.name, category=spec.category)
   s = spec.stored_size
   unlabeled = _make_split(examples, manifest['unlabeled'], s)

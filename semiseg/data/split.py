@@ -1,13 +1,10 @@
-"""The paper's split (4.1, Table 1) and the older per-defect-type rule; written once as ``split.json``.
+"""The paper's split (4.1, Table 1); written once as ``split.json``.
 
-``rule='paper'`` (the default) follows Table 1 of the paper exactly, for all 15 MVTec AD categories:
+It follows Table 1 of the paper exactly, for all 15 MVTec AD categories:
 for every test folder, ``good`` included, ``k`` images are labeled and ``to_unlabeled`` more move
 into the unlabeled set (beside ``train/good``); the rest stay test. So the unlabeled set is "mostly
 normal" with a few defect images (without their masks), and a labeled good image trains with its
 all-normal mask. Bottle: 209 + 4 x 2 = 217 unlabeled, 4 labeled, 83 - 12 = 71 test.
-
-``rule='k_per_defect'``: ``k`` labeled images per defect type (not ``good``); unlabeled = train/good
-only; test = the rest.
 
 Choices are seeded per folder by its name, so adding a folder does not move the others' choices.
 The manifest is written once as ``<workdir>/split.json`` so every method, rerun and evaluation sees
@@ -25,7 +22,7 @@ from semiseg import fileio
 
 GOOD = 'good'
 MANIFEST = 'split.json'
-RULES = ('paper', 'k_per_defect')
+RULE = 'paper'  # recorded in the manifest: one written by an older rule is not reused
 # What the saved manifest must share with a fresh one to be reused.
 _IDENTITY = ('dataset', 'category', 'rule', 'k', 'test_to_unlabeled', 'seed')
 
@@ -40,8 +37,8 @@ def _by_folder(test_defect_types: list[str], test_filenames: list[str]) -> dict[
 
 
 def make_split(test_defect_types: list[str], test_filenames: list[str], train_filenames: list[str],
-               k: int, seed: int, *, rule: str = 'paper', test_to_unlabeled: int = 2,
-               dataset: str = '', category: str = '') -> dict:
+               k: int, seed: int, *, test_to_unlabeled: int = 2, dataset: str = '',
+               category: str = '') -> dict:
   """The split manifest: keys ``unlabeled``, ``labeled``, ``test`` (file lists) and the rule's settings.
 
   Args:
@@ -49,26 +46,20 @@ def make_split(test_defect_types: list[str], test_filenames: list[str], train_fi
     train_filenames: ``train/good`` images; always unlabeled.
     k: labeled images per folder (``config.data.k_labeled``).
     seed: ``config.data.split_seed``.
-    rule: 'paper' (every folder, good included, gives k labeled and ``test_to_unlabeled`` unlabeled
-      images) or 'k_per_defect' (k labeled per defect type, nothing moves to unlabeled).
-    test_to_unlabeled: 'paper' only: images per folder moved into the unlabeled set.
+    test_to_unlabeled: images per folder moved into the unlabeled set.
   """
-  if rule not in RULES:
-    raise ValueError(f'config.data.split must be one of {RULES}, got {rule!r}.')
   if k < 1:
     raise ValueError(f'config.data.k_labeled must be >= 1, got {k}.')
-  moved = int(test_to_unlabeled) if rule == 'paper' else 0
+  moved = int(test_to_unlabeled)
   if moved < 0:
     raise ValueError(f'config.data.test_to_unlabeled must be >= 0, got {test_to_unlabeled}.')
   folders = _by_folder(test_defect_types, test_filenames)
   labeled, to_unlabeled = [], []
   for t, files in folders.items():
-    if rule == 'k_per_defect' and t == GOOD:
-      continue
     need = k + moved + 1
     if len(files) < need:
       raise ValueError(f'{dataset}/{category}: test folder {t!r} has {len(files)} image(s); '
-                       f'split={rule!r} with k_labeled={k}' + (f' and test_to_unlabeled={moved}' if moved else '')
+                       f'k_labeled={k}' + (f' and test_to_unlabeled={moved}' if moved else '')
                        + f' needs at least {need} ({k} to label, ' + (f'{moved} for the unlabeled set, ' if moved else '')
                        + 'one to test). Lower config.data.k_labeled' + (' or config.data.test_to_unlabeled' if moved else '')
                        + ', or add images to that folder.')
@@ -81,7 +72,7 @@ def make_split(test_defect_types: list[str], test_filenames: list[str], train_fi
     raise ValueError(f'{dataset}/{category}: the test split has no defect images, so there is '
                      'nothing to label; add test/<defect_type>/ folders with masks.')
   taken = set(labeled) | set(to_unlabeled)
-  return {'dataset': dataset, 'category': category, 'rule': rule, 'k': k, 'test_to_unlabeled': moved,
+  return {'dataset': dataset, 'category': category, 'rule': RULE, 'k': k, 'test_to_unlabeled': moved,
           'seed': seed,
           'unlabeled': sorted(train_filenames) + to_unlabeled,
           'labeled': labeled,
@@ -96,14 +87,14 @@ def counts(manifest: dict, test_tiles: int = 1) -> dict[str, int]:
 
 def load_or_create_manifest(workdir: str | None, test_defect_types: list[str],
                             test_filenames: list[str], train_filenames: list[str], k: int,
-                            seed: int, *, rule: str = 'paper', test_to_unlabeled: int = 2,
+                            seed: int, *, test_to_unlabeled: int = 2,
                             test_tiles: int = 1, dataset: str = '', category: str = '') -> dict:
   """Reads ``workdir/split.json`` if present (checking it matches), else makes and writes it.
 
   The manifest also records ``counts`` (Table 1's numbers; ``test`` counts each test image as
   ``test_tiles`` tiles, 4 for textures as in the paper, ``test_images`` the images).
   """
-  fresh = make_split(test_defect_types, test_filenames, train_filenames, k, seed, rule=rule,
+  fresh = make_split(test_defect_types, test_filenames, train_filenames, k, seed,
                      test_to_unlabeled=test_to_unlabeled, dataset=dataset, category=category)
   fresh['counts'] = {**counts(fresh, test_tiles), 'test_images': len(fresh['test'])}
   if workdir is None:

@@ -20,9 +20,6 @@ from semiseg.models.unet import UNet
 log = logging.getLogger(__name__)
 
 INPUTS = ('image', 'diff', 'image+diff')  # the paper's Table 4 ablation
-# Which image D is taken of in training: 'warped' (the augmented one: D = |W(I) - AE(W(I))|) or
-# 'stored' (D = |I - AE(I)| of the stored image, then warped together with it: W(I), W(D)).
-DIFF_ON = ('warped', 'stored')
 # How D enters the U-Net: as is ('none') or divided by the 99th percentile of D over the category's
 # unlabeled images ('p99', fixed when the method is created), so a defect's D is ~1 next to the image's
 # [0, 1] whatever the category's reconstruction error.
@@ -41,14 +38,8 @@ def validate(config) -> None:
     raise ValueError(f'config.model.unet_input must be one of {INPUTS}, got {config.model.unet_input!r}.')
   if config.model.diff_scale not in DIFF_SCALE:
     raise ValueError(f'config.model.diff_scale must be one of {DIFF_SCALE}, got {config.model.diff_scale!r}.')
-  if config.model.diff_on not in DIFF_ON:
-    raise ValueError(f'config.model.diff_on must be one of {DIFF_ON}, got {config.model.diff_on!r}.')
   if config.model.get('diff_gate', 'none') not in DIFF_GATE:
     raise ValueError(f'config.model.diff_gate must be one of {DIFF_GATE}, got {config.model.diff_gate!r}.')
-  p = config.model.get('diff_dropout', 0.0)
-  if not 0.0 <= float(p) < 1.0:
-    raise ValueError(f'config.model.diff_dropout is the probability that a training image\'s D is zeroed, in '
-                     f'[0, 1); got {p!r}.')
 
 
 def unet_input(images_BxHxWx3: jax.Array, ae_params, ae_model: ConvAutoencoder, mode: str,
@@ -73,20 +64,12 @@ def stored_difference(images_BxHxWx3: jax.Array, ae_params, ae_model: ConvAutoen
   return augment.from_tiles(tiles, b, h, w)
 
 
-def drop_difference(key: jax.Array, inputs_BxHxWxC: jax.Array, rate: float) -> jax.Array:
-  """Zeroes D (channels 3:) of each image of an 'image+diff' batch with probability ``rate``, unscaled:
-  the U-Net must also find defects in the image, so D's noise on a few labeled images is less to fit."""
-  keep = jax.random.bernoulli(key, 1.0 - rate, (inputs_BxHxWxC.shape[0], 1, 1, 1)).astype(inputs_BxHxWxC.dtype)
-  return jnp.concatenate([inputs_BxHxWxC[..., :3], inputs_BxHxWxC[..., 3:] * keep], axis=-1)
-
-
 def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, ae_model: ConvAutoencoder,
                tx: optax.GradientTransformation, spec: augment.AugmentSpec, mode: str, sigma: float,
-               diff_on: str = 'warped', tile: int | None = None, scale: float = 1.0, dropout: float = 0.0,
-               gate: float = 1.0):
-  if diff_on == 'warped' or mode == 'image':
+               tile: int | None = None, scale: float = 1.0, gate: float = 1.0):
+  if mode == 'image':
     images, masks = unet.augmented_labeled(state, batch, spec)
-    inputs = unet_input(images, state.extras['ae_params'], ae_model, mode, sigma, scale, gate)
+    inputs = images
   else:
     # D of the image the AE was trained on (unwarped), then one warp for image, D and mask: the U-Net
     # learns from the D it will see at test time, not from the AE's errors on rotated, shifted views.
@@ -99,8 +82,6 @@ def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, ae_mod
     warped, masks, _ = augment.augment_batch(base.step_key(state), jnp.concatenate([images, diff], -1),
                                              batch['labeled']['mask'].astype(jnp.float32), spec)
     inputs = warped if mode == 'image+diff' else warped[..., 3:]
-  if dropout > 0 and mode == 'image+diff':
-    inputs = drop_difference(jax.random.fold_in(base.step_key(state), 1), inputs, dropout)
 
   def loss_fn(params):
     return base.sigmoid_bce(model.apply(params, inputs), masks)
@@ -177,7 +158,7 @@ def create_with_ae(config, ctx: base.MethodContext, ae_params) -> base.Method:
   gate, gate_info = diff_gate(config, ctx, ae_params, ae_model) if mode == 'image+diff' else (1.0, None)
   tile = ctx.image_size if ctx.texture else None
   stream_fields = None
-  if config.model.diff_on == 'stored' and mode != 'image':
+  if mode != 'image':
     # The AE is frozen, so D of a stored labeled image is the same at every step: computed once here
     # instead of (for a texture) four tiles of AE per image per step.
     stream_fields = {'labeled': {'diff': partial(stored_differences, ae_params=ae_params, ae_model=ae_model,
@@ -187,8 +168,7 @@ def create_with_ae(config, ctx: base.MethodContext, ae_params) -> base.Method:
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size, in_channels=in_channels,
                    ae_abstract=ae_abstract),
       train_step=partial(train_step, model=model, ae_model=ae_model, tx=tx, spec=spec, mode=mode, sigma=sigma,
-                         diff_on=config.model.diff_on, tile=tile, scale=scale,
-                         dropout=float(config.model.get('diff_dropout', 0.0)), gate=gate),
+                         tile=tile, scale=scale, gate=gate),
       score_map=partial(score_map, model=model, ae_model=ae_model, mode=mode, sigma=sigma, scale=scale,
                         gate=gate),
       reconstruct=partial(reconstruct, ae_model=ae_model),

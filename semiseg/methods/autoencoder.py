@@ -20,43 +20,18 @@ def gaussian_window(size: int = 11, sigma: float = 1.5) -> jax.Array:
   return g / g.sum()
 
 
-def ssim_map(x_BxHxWxC: jax.Array, y_BxHxWxC: jax.Array, data_range: float = 1.0) -> jax.Array:
-  """Per-pixel SSIM (Gaussian window 11, sigma 1.5; Wang et al. 2004), 'valid' region, per channel.
-
-  Matches ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
-  use_sample_covariance=False)`` away from the borders.
-  """
-  c = x_BxHxWxC.shape[-1]
-  g = gaussian_window()
-  k = (g[:, None] * g[None, :])[:, :, None, None] * jnp.ones((1, 1, 1, c))
-
-  def blur(z):
-    return jax.lax.conv_general_dilated(z, k, (1, 1), 'VALID', feature_group_count=c,
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-  mx, my = blur(x_BxHxWxC), blur(y_BxHxWxC)
-  sxx = blur(x_BxHxWxC * x_BxHxWxC) - mx * mx
-  syy = blur(y_BxHxWxC * y_BxHxWxC) - my * my
-  sxy = blur(x_BxHxWxC * y_BxHxWxC) - mx * my
-  return ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-
-
-def reconstruction_loss(recon: jax.Array, target: jax.Array, kind: str) -> jax.Array:
-  """Per-pixel MSE (paper eq. 2) or 1 - mean SSIM (Bergmann et al. 2019, the paper's ref. 13)."""
-  if kind == 'mse':
-    return jnp.mean((recon - target) ** 2)
-  if kind == 'ssim':
-    return 1.0 - jnp.mean(ssim_map(recon, target))
-  raise ValueError(f"config.model.ae_loss must be 'mse' or 'ssim', got {kind!r}.")
+def reconstruction_loss(recon: jax.Array, target: jax.Array) -> jax.Array:
+  """Per-pixel MSE (paper eq. 2)."""
+  return jnp.mean((recon - target) ** 2)
 
 
 def train_step(state: base.TrainState, batch: base.Batch, *, model: ConvAutoencoder,
-               tx: optax.GradientTransformation, spec: augment.AugmentSpec, loss_kind: str):
+               tx: optax.GradientTransformation, spec: augment.AugmentSpec):
   images = base.to_float(batch['unlabeled']['image'])
   images, _, _ = augment.augment_batch(base.step_key(state), images, None, spec)
 
   def loss_fn(params):
-    return reconstruction_loss(model.apply(params, images), images, loss_kind)
+    return reconstruction_loss(model.apply(params, images), images)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   return base.apply_updates(state, grads, tx), {'loss': loss}
@@ -108,14 +83,12 @@ def validate(config) -> None:
     raise ValueError(f'config.ae_augment must be one of {AUGMENT}, got {config.ae_augment!r}.')
   if config.model.diff_blur < 0:
     raise ValueError(f'config.model.diff_blur must be >= 0, got {config.model.diff_blur}.')
-  if config.ae_select not in SELECT:
-    raise ValueError(f'config.ae_select must be one of {SELECT}, got {config.ae_select!r}.')
 
 
 def create_model(config) -> ConvAutoencoder:
   return ConvAutoencoder(features=tuple(config.model.ae_features), latent_dim=config.model.latent_dim,
-                         dtype=base.compute_dtype(config.model.dtype), activation=config.model.ae_activation,
-                         bottleneck=config.model.ae_bottleneck, normalize=config.model.ae_normalize)
+                         dtype=base.compute_dtype(config.model.dtype), bottleneck=config.model.ae_bottleneck,
+                         normalize=config.model.ae_normalize)
 
 
 def ae_augment_spec(config, ctx: base.MethodContext) -> augment.AugmentSpec:
@@ -135,8 +108,6 @@ def init(key: jax.Array, *, model: ConvAutoencoder, tx, image_size: int) -> base
                          key=state_key)
 
 
-# config.ae_select -> the checkpoint the AE's users get: the last one, or the best by the monitor below.
-SELECT = ('last', 'labeled_auroc')
 MONITOR = 'diff_auroc_labeled'  # pixel AUROC of the score map on the labeled images, at log steps
 
 
@@ -160,11 +131,10 @@ def create(config, ctx: base.MethodContext) -> base.Method:
   tx = base.create_optimizer(lr, config.optim.decay_rate, decay_every_steps(config, ctx))
   spec = ae_augment_spec(config, ctx)
   sigma = float(config.model.diff_blur)
-  reconstruction_loss(jnp.zeros((1, 16, 16, 1)), jnp.zeros((1, 16, 16, 1)), config.model.ae_loss)  # validate
   return base.Method(
       name='ae', streams=('unlabeled',), score_kind='anomaly', config_keys=CONFIG_KEYS,
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size),
-      train_step=partial(train_step, model=model, tx=tx, spec=spec, loss_kind=config.model.ae_loss),
+      train_step=partial(train_step, model=model, tx=tx, spec=spec),
       score_map=partial(score_map, model=model, sigma=sigma, channels=config.model.diff_channels),
       reconstruct=partial(reconstruct, model=model),
-      monitor=MONITOR, select_best=config.ae_select == 'labeled_auroc')
+      monitor=MONITOR)

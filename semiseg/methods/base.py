@@ -61,7 +61,6 @@ class Method:
   # config.threshold for probabilities; and watches the reconstruction, if any, for collapse.
   monitor: str | None = None
   monitor_maps: dict[str, Callable[[TrainState, jax.Array], jax.Array]] | None = None  # more maps, same measure
-  select_best: bool = False  # the method's users get the checkpoint with the best monitor value
   # Per stream, arrays the loop computes once from the stream's stored uint8 images ([N, S, S, 3] ->
   # [N, ...], host numpy) and hands with every batch under their names, next to 'image' and 'mask'
   # (ae_unet: D of the stored labeled images, which a frozen AE makes the same at every step).

@@ -47,7 +47,6 @@ class UpConv4x4(nn.Module):
     return y.reshape(b, 2 * h, 2 * w, self.features) + bias.astype(y.dtype)
 
 
-ACTIVATIONS = {'leaky_relu': lambda x: nn.leaky_relu(x, 0.2), 'relu': nn.relu, 'elu': nn.elu}
 BOTTLENECKS = ('dense', 'conv')
 NORMALIZE = ('none', 'image')
 NORMALIZE_EPS = 0.02  # added to the per-image std: a flat image is not blown up to noise
@@ -57,7 +56,7 @@ class ConvAutoencoder(nn.Module):
   """Strided-conv encoder -> latent code -> mirrored decoder; output in [0, 1].
 
   Each entry of ``features`` is one encoder level: a 4x4 stride-2 convolution (halving H and W)
-  followed by a 3x3 convolution, ``activation`` after each. The code is a vector of ``latent_dim``
+  followed by a 3x3 convolution, a leaky ReLU (slope 0.2) after each. The code is a vector of ``latent_dim``
   (``bottleneck='dense'``, the paper's Figure 3) or ``latent_dim`` channels at the bottom resolution
   (``'conv'``, a 1x1 convolution: a spatial code). The decoder mirrors the encoder with 4x4 stride-2
   transposed convolutions (``UpConv4x4``), and a final 3x3 convolution + sigmoid gives the reconstruction.
@@ -72,18 +71,14 @@ class ConvAutoencoder(nn.Module):
   latent_dim: int = 500
   out_channels: int = 3
   dtype: Any = jnp.float32
-  activation: str = 'leaky_relu'
   bottleneck: str = 'dense'
   normalize: str = 'none'
 
   def setup(self):
-    if self.activation not in ACTIVATIONS:
-      raise ValueError(f'config.model.ae_activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}.')
     if self.bottleneck not in BOTTLENECKS:
       raise ValueError(f'config.model.ae_bottleneck must be one of {BOTTLENECKS}, got {self.bottleneck!r}.')
     if self.normalize not in NORMALIZE:
       raise ValueError(f'config.model.ae_normalize must be one of {NORMALIZE}, got {self.normalize!r}.')
-    self.act = ACTIVATIONS[self.activation]
     self.down = [(nn.Conv(f, (4, 4), strides=(2, 2), padding='SAME', dtype=self.dtype),
                   nn.Conv(f, (3, 3), padding='SAME', dtype=self.dtype)) for f in self.features]
     if self.bottleneck == 'dense':
@@ -95,6 +90,10 @@ class ConvAutoencoder(nn.Module):
                 nn.Conv(f, (3, 3), padding='SAME', dtype=self.dtype))
                for f in list(reversed(self.features))[1:] + [self.features[0]]]
     self.head = nn.Conv(self.out_channels, (3, 3), padding='SAME', dtype=self.dtype)
+
+  @staticmethod
+  def act(x):
+    return nn.leaky_relu(x, 0.2)
 
   def _bottom_shape(self, h: int, w: int) -> tuple[int, int, int]:
     scale = 2 ** len(self.features)

@@ -1,4 +1,4 @@
-"""The paper's split (Table 1), the per-defect-type rule, and the manifest written once and reused."""
+"""The paper's split (Table 1) and the manifest written once and reused."""
 
 import json
 import os
@@ -60,16 +60,6 @@ def test_paper_rule_labels_every_folder_and_moves_two(tmp_path):
   assert len(everything) == len(set(everything)) == 4 + 16
 
 
-def test_k_per_defect_rule_keeps_the_old_split(tmp_path):
-  root = fake_tree.write_mvtec(str(tmp_path), per_type=3, size=8, categories=['pill', 'toothbrush'])
-  for category, n_types in (('pill', 7), ('toothbrush', 1)):
-    m = _split_of(mvtec_tree.read_tree(root, category), rule='k_per_defect')
-    assert len(m['labeled']) == n_types
-    assert len({f.split('/')[1] for f in m['labeled']}) == n_types and 'good' not in str(m['labeled'])
-    assert len(m['test']) == 4 + 2 * n_types and len(m['unlabeled']) == 4
-    assert all(f.startswith('train/good/') for f in m['unlabeled'])
-
-
 def test_adding_a_folder_moves_no_other_choice():
   types, files, train = _names('bottle')
   before = split.make_split(types, files, train, 1, 0)
@@ -104,9 +94,7 @@ def test_seed_and_k(tmp_path):
   with pytest.raises(ValueError, match=r"folder 'a' has 6 .*k_labeled=4 and test_to_unlabeled=2 .*at least 7"):
     _split_of(records, 4, 0)
   with pytest.raises(ValueError, match=r"folder 'a' has 6 .*k_labeled=6 needs at least 7"):
-    _split_of(records, 6, 0, rule='k_per_defect')
-  with pytest.raises(ValueError, match=r'config.data.split'):
-    _split_of(records, rule='nope')
+    _split_of(records, 6, 0, test_to_unlabeled=0)
 
 
 def test_manifest_written_once_and_checked(tmp_path):
@@ -117,26 +105,24 @@ def test_manifest_written_once_and_checked(tmp_path):
   args = ([r.defect_type for r in test], [r.filename for r in test],
           [r.filename for r in records if r.split == 'train'])
   work = str(tmp_path / 'w')
-  m = split.load_or_create_manifest(work, *args, 1, 0, rule='k_per_defect', dataset='folder', category='c')
+  m = split.load_or_create_manifest(work, *args, 1, 0, dataset='folder', category='c')
   with open(os.path.join(work, 'split.json')) as f:
     assert json.load(f) == m
-  assert m['counts'] == {'unlabeled': 4, 'labeled': 1, 'test': 7, 'test_images': 7}
-  assert split.load_or_create_manifest(work, *args, 1, 0, rule='k_per_defect', dataset='folder',
-                                       category='c') == m
+  # 4 train/good; folders a (4) and good (4): 1 labeled and 2 moved to unlabeled each.
+  assert m['rule'] == 'paper' and m['counts'] == {'unlabeled': 8, 'labeled': 2, 'test': 2, 'test_images': 2}
+  assert split.load_or_create_manifest(work, *args, 1, 0, dataset='folder', category='c') == m
   with pytest.raises(ValueError, match=r'split.json.*seed'):
-    split.load_or_create_manifest(work, *args, 1, 3, rule='k_per_defect', dataset='folder', category='c')
+    split.load_or_create_manifest(work, *args, 1, 3, dataset='folder', category='c')
   with pytest.raises(ValueError, match=r'split.json.*category'):
-    split.load_or_create_manifest(work, *args, 1, 0, rule='k_per_defect', dataset='folder', category='d')
-  with pytest.raises(ValueError, match=r"split.json.*rule='k_per_defect' but this run asks for 'paper'"):
-    split.load_or_create_manifest(work, *args, 1, 0, dataset='folder', category='c')
+    split.load_or_create_manifest(work, *args, 1, 0, dataset='folder', category='d')
+  with pytest.raises(ValueError, match=r'split.json.*test_to_unlabeled'):
+    split.load_or_create_manifest(work, *args, 1, 0, test_to_unlabeled=1, dataset='folder', category='c')
   assert not [n for n in os.listdir(work) if n != 'split.json']  # no temp files left
-  # A manifest written before the rule was recorded is read as the per-defect-type rule.
+  # A manifest written before the rule was recorded was made by the former per-defect-type rule: not reused.
   old = {k: v for k, v in m.items() if k not in ('rule', 'test_to_unlabeled', 'counts')}
   with open(os.path.join(work, 'split.json'), 'w') as f:
     json.dump(old, f)
-  assert split.load_or_create_manifest(work, *args, 1, 0, rule='k_per_defect', dataset='folder',
-                                       category='c')['labeled'] == m['labeled']
-  with pytest.raises(ValueError, match=r"rule='k_per_defect'"):
+  with pytest.raises(ValueError, match=r"split.json.*rule='k_per_defect' but this run asks for 'paper'"):
     split.load_or_create_manifest(work, *args, 1, 0, dataset='folder', category='c')
 
 

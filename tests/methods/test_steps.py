@@ -111,19 +111,6 @@ def test_ae_unet_input_modes():
   np.testing.assert_allclose(both[..., 3:], d, atol=1e-6)
 
 
-def test_diff_dropout_zeroes_whole_difference_images_at_its_rate():
-  """model.diff_dropout: each image's D (channels 3:) is zeroed whole, unscaled, with the given
-  probability; the image channels are never touched. The dropped fraction over 4000 images is within 4
-  binomial standard deviations of the rate."""
-  x = jax.random.uniform(jax.random.PRNGKey(0), (4000, 4, 4, 6), minval=0.1, maxval=1.0)
-  out = np.asarray(ae_unet.drop_difference(jax.random.PRNGKey(1), x, 0.25))
-  np.testing.assert_array_equal(out[..., :3], np.asarray(x)[..., :3])
-  dropped = np.all(out[..., 3:] == 0, axis=(1, 2, 3))
-  kept = np.all(out[..., 3:] == np.asarray(x)[..., 3:], axis=(1, 2, 3))
-  assert np.all(dropped ^ kept)  # each image: all of D or none of it
-  assert abs(dropped.mean() - 0.25) < 4 * np.sqrt(0.25 * 0.75 / 4000)
-
-
 @pytest.mark.parametrize('informative', [True, False])
 def test_diff_gate_opens_only_when_d_beats_the_mean_image_on_the_labeled_images(monkeypatch, informative):
   """model.diff_gate='trivial': the gate compares D's labeled pixel AUROC (channel max, as the score map)
@@ -174,13 +161,6 @@ def test_the_gate_decides_only_where_d_is_added_to_the_image(monkeypatch, unet_i
   ctx = base.MethodContext(image_size=SIZE, texture=False, steps_per_epoch=1)
   testing.create_untrained(config, ctx)
   assert consulted == ([True] if unet_input == 'image+diff' else [])
-
-
-def test_diff_dropout_outside_its_range_names_the_key():
-  config = tiny_config('ae_unet')
-  config.model.diff_dropout = 1.0
-  with pytest.raises(ValueError, match='config.model.diff_dropout'):
-    ae_unet.validate(config)
 
 
 @pytest.mark.parametrize('channels', ['mean', 'max'])

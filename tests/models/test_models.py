@@ -5,9 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from skimage.metrics import structural_similarity
 
-from semiseg.methods.autoencoder import ssim_map
 from semiseg.models.autoencoder import ConvAutoencoder
 from semiseg.models.unet import DoubleConv, UNet, UpConv2x2, max_pool_2x2
 
@@ -106,16 +104,6 @@ def test_autoencoder_normalize_image_maps_the_standardized_output_back():
                              atol=2e-3)
   with pytest.raises(ValueError, match='ae_normalize'):
     ConvAutoencoder(features=(4, 8), latent_dim=5, normalize='batch').init(jax.random.PRNGKey(1), x)
-
-
-def test_ssim_matches_skimage():
-  rng = np.random.default_rng(0)
-  a = rng.random((40, 40)).astype(np.float32)
-  b = np.clip(a + 0.2 * rng.standard_normal((40, 40)), 0, 1).astype(np.float32)
-  _, ref = structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                 use_sample_covariance=False, full=True)
-  ours = np.asarray(ssim_map(jnp.asarray(a)[None, :, :, None], jnp.asarray(b)[None, :, :, None]))[0, :, :, 0]
-  np.testing.assert_allclose(ours, ref[5:-5, 5:-5], atol=1e-4)
 
 
 def test_autoencoder_upconv_equals_conv_transpose_with_the_same_init():
