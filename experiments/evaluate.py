@@ -15,10 +15,9 @@ _main.define_flags()
 def main(argv):
   del argv
   _main.start()
-  config = _main.FLAGS.config
-  method, state, data, ctx, mesh = restore.restore_trained(config, _main.FLAGS.workdir)
-  out = evaluate.evaluate(method, state, data, ctx, mesh, config, _main.FLAGS.workdir,
-                          extra=restore.training_health(config, _main.FLAGS.workdir))
+  config, workdir = _main.FLAGS.config, _main.FLAGS.workdir
+  run = restore.restore_trained(config, workdir)
+  out = evaluate.evaluate_run(run, extra=restore.training_health(config, workdir))
   print(evaluate.format_table([out]))
 
 

@@ -11,7 +11,7 @@ import jax
 from absl import logging
 
 from experiments import _main
-from semiseg import evaluate, restore, train
+from semiseg import evaluate, figures, restore, train
 
 _main.define_flags()
 
@@ -20,11 +20,11 @@ def main(argv):
   del argv
   _main.start()
   config, workdir = _main.FLAGS.config, _main.FLAGS.workdir
-  result = train.train(config, workdir)
-  out = evaluate.evaluate(result.method, result.state, result.data, result.ctx, result.mesh, config, workdir,
-                          extra=restore.training_health(config, workdir))
+  run = train.train(config, workdir).run
+  out = evaluate.evaluate_run(run, extra=restore.training_health(config, workdir))
   if jax.process_index() == 0:
-    path = restore.write_training_curves(config, workdir)
+    path = figures.write_training_curves(workdir, run.metrics_files,
+                                         title=f'{config.data.category}, seed {config.seed}')
     if path:
       logging.info('Training curves: %s', path)
   print(evaluate.format_table([out]))

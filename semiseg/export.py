@@ -233,7 +233,8 @@ def export(config, workdir: str, out_dir: str, onnx: bool = True, platforms=PLAT
   Raises ``OnnxExportError`` (with the ``ExportResult`` of what was written) when model.onnx cannot be;
   the other two are written all the same.
   """
-  method, state, data, ctx, mesh = restore.restore_trained(config, workdir)  # never trains
+  run = restore.restore_trained(config, workdir)  # never trains
+  method, state, data, ctx, mesh = run.method, run.state, run.data, run.ctx, run.mesh
   scorer = evaluate.Scorer(method, state, ctx, mesh, config.eval_batch_size)
   threshold, source = predict.choose_threshold(method, config, workdir, data, scorer)
   stored_size = 2 * ctx.image_size if ctx.texture else ctx.image_size  # as predict resizes (paper 3.3)

@@ -133,6 +133,17 @@ def training_curves(path: str, runs: dict[str, str], title: str = '') -> None:
   _save(fig, path)
 
 
+def write_training_curves(workdir: str, metrics_files: dict[str, str], title: str = '') -> str | None:
+  """``<workdir>/curves.png`` of the runs whose metrics.jsonl exists (``Run.metrics_files``: a run's
+  prerequisites, the AE, beside it); its path, or None when none has logged."""
+  runs = {name: path for name, path in metrics_files.items() if os.path.exists(path)}
+  if not runs:
+    return None
+  path = os.path.join(workdir, 'curves.png')
+  training_curves(path, runs, title=title)
+  return path
+
+
 def figure_indices(defect_types: list[str], masks: np.ndarray, n: int) -> list[int]:
   """Up to ``n`` defective test images, one per defect type in turn (deterministic)."""
   by_type: dict[str, list[int]] = defaultdict(list)

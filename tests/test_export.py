@@ -82,7 +82,8 @@ def pca_texture(tmp_path_factory):
 @pytest.mark.parametrize('which', ['ae_unet', 'pca_texture'])
 def test_artifacts_give_the_scores_of_predict(which, request):
   config, wd, out, _ = request.getfixturevalue(which)
-  method, state, data, ctx, mesh = restore.restore_trained(config, wd)
+  run = restore.restore_trained(config, wd)
+  method, state, data, ctx, mesh = run.method, run.state, run.data, run.ctx, run.mesh
   images = data.test.images[:5]  # uint8 at the stored size: what predict feeds its Scorer
   expected = evaluate.Scorer(method, state, ctx, mesh, config.eval_batch_size)(images)
   x = images.astype(np.float32) / 255

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from ml_collections import config_dict
 
-from semiseg import augment
+from semiseg import augment, metrics
 from semiseg.methods import autoencoder, base, unet
 from semiseg.models.autoencoder import ConvAutoencoder
 from semiseg.models.unet import UNet
@@ -221,7 +221,6 @@ def diff_gate(config, ctx: base.MethodContext, ae_params, ae_model: ConvAutoenco
     raise ValueError('config.model.diff_gate=\'trivial\' ranks the labeled images\' pixels, but their masks '
                      'have no defect pixel (or no normal one); label a defect image or set '
                      'config.model.diff_gate=none.')
-  from semiseg import monitor  # here: it imports semiseg.evaluate, which imports semiseg.methods.base
   channels = config.model.diff_channels
   d = stored_differences(images, ae_params=ae_params, ae_model=ae_model, sigma=float(config.model.diff_blur),
                          tile=ctx.image_size if ctx.texture else None)
@@ -229,8 +228,8 @@ def diff_gate(config, ctx: base.MethodContext, ae_params, ae_model: ConvAutoenco
   mean = ctx.unlabeled.astype(np.float64).mean(axis=0) / 255.0
   trivial = np.abs(images.astype(np.float64) / 255.0 - mean)
   info = {'rule': config.model.diff_gate,
-          'd_auroc_labeled': monitor.pixel_auroc(base.reduce_channels(d, channels), masks),
-          'trivial_auroc_labeled': monitor.pixel_auroc(base.reduce_channels(trivial, channels), masks)}
+          'd_auroc_labeled': metrics.pixel_auroc(base.reduce_channels(d, channels), masks),
+          'trivial_auroc_labeled': metrics.pixel_auroc(base.reduce_channels(trivial, channels), masks)}
   info['open'] = bool(info['d_auroc_labeled'] > info['trivial_auroc_labeled'])
   say = log.info if info['open'] else log.warning
   say('ae_unet: D ranks the labeled images\' defect pixels at AUROC %.3f, |I - M| at %.3f: D %s the U-Net '

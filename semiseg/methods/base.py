@@ -74,11 +74,6 @@ class Method:
   # A key no method declares is read by all. Each method module also exports it as CONFIG_KEYS.
   config_keys: tuple[str, ...] = ()
 
-  @property
-  def predict(self) -> Callable[[TrainState, jax.Array], jax.Array]:
-    """The former name of ``score_map``, kept only until semiseg/bench (edited separately) uses it."""
-    return self.score_map
-
 
 @dataclasses.dataclass(frozen=True)
 class MethodContext:
