@@ -17,13 +17,20 @@ Grid keys (comma-separated strings, so ``--config.methods=ae,unet`` works):
   seeds: default '0,1,2'; ``seed`` sets model init, augmentation and batch order. The split
     (``data.split_seed``) stays fixed, so the spread over seeds is training variance only.
   ablations: Table 4 (U-Net without augmentation, AE + U-Net on the difference image only).
+
+Layout keys (where the cells run; a cell's numbers do not depend on them; docs/scaling.md):
+  shard: 'i/n' runs only shard i of n, the grid's (category, seed) groups dealt out by their cell counts
+    (n launches, e.g. a SLURM job array, cover the grid once); a shard of several writes no report.
+  workers: 1 runs here; N > 1 starts N processes on this host, one shard and one device (GPU, TPU chip,
+    or share of the CPU cores) each, then writes the report; 0 trains nothing and writes the report of
+    the finished cells (the collecting call after the shards), naming the cells still missing.
 """
 
 from ml_collections import config_dict
 
 from configs import common
 from semiseg import methods
-from semiseg.reproduce import GRID_KEYS
+from semiseg.grid import GRID_KEYS
 from semiseg.data import categories
 
 DATASETS = ('synthetic', 'mvtec', 'folder')
@@ -58,5 +65,7 @@ def get_config(arg: str | None = None):
   c.ablations = True
   c.overlay_category = config_dict.placeholder(str)  # unset: the first category
   c.figure_images = 4  # test images (rows) of each Figure 6 grid
+  c.shard = '0/1'  # i/n: the cells of shard i of n
+  c.workers = 1  # processes on this host; 0: collect the finished cells into the report, train nothing
   common.apply_pairs(c, grid, 'configs/reproduce.py')
   return c

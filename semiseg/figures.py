@@ -1,4 +1,5 @@
-"""Figures: overlays of a score map on its image, the paper's Figure 6 grids, PNG files (written atomically)."""
+"""Figures: overlays of a score map on its image, the paper's Figure 6 grids, training curves, PNG files
+(written atomically)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections import defaultdict
 import numpy as np
 
 from semiseg import fileio
+from semiseg.methods import paper_order
 from semiseg.paper_results import COLUMN_NAMES
 
 
@@ -162,3 +164,60 @@ def flat_name(filename: str) -> str:
   parts = filename.split('/')
   stem = os.path.splitext('_'.join(parts[1:] if parts[0] in ('test', 'train') else parts))[0]
   return stem.replace(os.sep, '_')
+
+
+# ----------------------------------------------------------------------------------------------
+# The grid's figures, from the files its finished cells left (semiseg/grid_report.py). A cell is any
+# object with category, seed, method, variant and workdir(root) (semiseg.grid.Cell).
+
+def write_figures(root: str, cells: list) -> dict[str, str]:
+  """figures/fig6_<category>.png from the saved figure inputs and maps; {category: relative path}."""
+  out = {}
+  for category in dict.fromkeys(c.category for c in cells):
+    inputs_path = os.path.join(root, category, 'figure_inputs.npz')
+    if not os.path.exists(inputs_path):
+      continue
+    inputs = np.load(inputs_path)
+    if not len(inputs['indices']):
+      continue
+    seed = min(c.seed for c in cells if c.category == category)
+    recon, preds = None, {}
+    for c in cells:
+      if c.category != category or c.seed != seed or c.variant != 'main':
+        continue
+      path = os.path.join(c.workdir(root), 'figure_maps.npz')
+      if not os.path.exists(path):
+        continue
+      maps = np.load(path)
+      preds[c.method] = maps['scores'].astype(np.float32) >= float(maps['threshold'])
+      if 'reconstruction' in maps and (recon is None or c.method == 'ae'):
+        recon = maps['reconstruction']
+    titles = [flat_name(str(f)) for f in inputs['filenames']]
+    rel = os.path.join('figures', f'fig6_{category}.png')
+    figure6(os.path.join(root, rel), inputs['images'], inputs['masks'], recon,
+            {m: preds[m] for m in paper_order(preds)}, titles)
+    out[category] = rel
+  return out
+
+
+def curve_runs(root: str, cells: list) -> dict[str, tuple[int, dict[str, str]]]:
+  """{category: (its first seed, {method: metrics.jsonl of that seed's main cell})}, paper order."""
+  out = {}
+  for category in dict.fromkeys(c.category for c in cells):
+    seed = min(c.seed for c in cells if c.category == category)
+    runs = {c.method: os.path.join(c.workdir(root), 'metrics.jsonl') for c in cells
+            if c.category == category and c.seed == seed and c.variant == 'main'}
+    runs = {m: p for m, p in runs.items() if os.path.exists(p)}
+    out[category] = (seed, {m: runs[m] for m in paper_order(runs)})
+  return out
+
+
+def write_curves(root: str, cells: list) -> dict[str, str]:
+  """figures/curves_<category>.png: every main cell's loss against step (first seed); {category: path}."""
+  out = {}
+  for category, (seed, runs) in curve_runs(root, cells).items():
+    if runs:
+      rel = os.path.join('figures', f'curves_{category}.png')
+      training_curves(os.path.join(root, rel), runs, title=f'{category}, seed {seed}')
+      out[category] = rel
+  return out
