@@ -163,12 +163,12 @@ def _collect_abandoned_reads() -> None:
 class Checkpointer:
   """``CheckpointManager(workdir/ckpt)`` saving ``{state, meta}``; restore falls back past a bad step."""
 
-  def __init__(self, workdir: str, every_steps: int, keep: int, subdir: str = 'ckpt'):
+  def __init__(self, workdir: str, every_steps: int, keep: int):
     if every_steps <= 0:
       raise ValueError(f'config.ckpt.every_steps must be positive, got {every_steps}.')
     if keep <= 0:
       raise ValueError(f'config.ckpt.keep must be positive, got {keep}.')
-    self.directory = os.path.join(os.path.abspath(workdir), subdir)
+    self.directory = os.path.join(os.path.abspath(workdir), 'ckpt')
     self.every_steps = every_steps
     self.failed_steps: list[int] = []  # steps newer than the last restored one that could not be read
     self.manager = ocp.CheckpointManager(
@@ -182,17 +182,6 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
-
-  def latest_meta(self) -> dict | None:
-    """The newest checkpoint's meta (no array is read), or None when there is none or it is unreadable."""
-    step = self.latest_step()
-    if step is None:
-      return None
-    try:
-      return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'] or {})
-    except Exception as e:  # Orbax raises various types for missing/corrupt files.
-      self._warn(step, e)
-      return None
 
   def should_save(self, step: int) -> bool:
     return step % self.every_steps == 0

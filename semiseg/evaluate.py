@@ -259,6 +259,11 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
   return out
 
 
+def evaluate_run(run, **kwargs) -> dict:
+  """``evaluate`` of a trained or restored run record (semiseg/run.py: ``Run.state`` set) in its workdir."""
+  return evaluate(run.method, run.state, run.data, run.ctx, run.mesh, run.config, run.workdir, **kwargs)
+
+
 def format_table(results: list[dict]) -> str:
   """A Markdown table of the main numbers of several eval results."""
   lines = ['| category | method | threshold | defect IoU | mean IoU (2-class) | Dice | MAE px | pixel AUROC | AUPRO |',

@@ -103,6 +103,20 @@ def mae_from_counts(fp: int, fn: int, num_images: int) -> float:
   return float('nan') if num_images == 0 else (fp + fn) / num_images
 
 
+def defect_iou(probabilities: np.ndarray, masks: np.ndarray, threshold: float) -> float:
+  """Defect-class IoU of maps thresholded at ``threshold``, counted over all pixels (``iou_from_counts``)."""
+  tp, fp, fn, _ = confusion(np.asarray(probabilities) >= threshold, masks)
+  return iou_from_counts(tp, fp, fn)
+
+
+def pixel_auroc(scores: np.ndarray, masks: np.ndarray) -> float:
+  """Exact pixel AUROC of score maps against boolean masks; NaN when one class is missing."""
+  labels = np.asarray(masks).reshape(-1).astype(bool)
+  if labels.all() or not labels.any():
+    return float('nan')
+  return float(curves.auroc(curves.exact_curve(np.asarray(scores).reshape(-1).astype(np.float64), labels)))
+
+
 # ----------------------------------------------------------------------------------------
 # The streaming accumulator.
 

@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from semiseg import curves, evaluate, fileio
+from semiseg import evaluate, fileio, metrics
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +33,9 @@ MIN_RECON_SPREAD = 0.15
 SMOOTH = 5  # log steps in the running median of the loss
 
 
-def pixel_auroc(scores: np.ndarray, masks: np.ndarray) -> float:
-  """Exact pixel AUROC of score maps against boolean masks; NaN when one class is missing."""
-  labels = masks.reshape(-1).astype(bool)
-  if labels.all() or not labels.any():
-    return float('nan')
-  return float(curves.auroc(curves.exact_curve(scores.reshape(-1).astype(np.float64), labels)))
-
-
 def spread(images: np.ndarray) -> float:
   """Mean over pixels and channels of the standard deviation across images."""
   return float(np.asarray(images, np.float64).std(axis=0).mean())
-
-
-def defect_iou(probabilities: np.ndarray, masks: np.ndarray, threshold: float) -> float:
-  """Defect-class IoU of thresholded maps summed over all pixels; NaN when both are empty."""
-  pred = probabilities >= threshold
-  union = np.logical_or(pred, masks).sum()
-  return float(np.logical_and(pred, masks).sum() / union) if union else float('nan')
 
 
 class Monitor:
@@ -63,9 +48,9 @@ class Monitor:
     maps = {self.name: method.score_map, **(method.monitor_maps or {})}
     self.scorers = {name: evaluate.Scorer(method, None, ctx, mesh, batch, fn=fn) for name, fn in maps.items()}
     if method.score_kind == 'anomaly':
-      self.measure = pixel_auroc
+      self.measure = metrics.pixel_auroc
     else:
-      self.measure = lambda p, m: defect_iou(p, m, threshold)
+      self.measure = lambda p, m: metrics.defect_iou(p, m, threshold)
     self.recon = (evaluate.Scorer(method, None, ctx, mesh, batch, fn=method.reconstruct)
                   if method.reconstruct is not None else None)
     self.input_spread = spread(self.images.astype(np.float32) / 255.0)

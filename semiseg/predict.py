@@ -96,8 +96,9 @@ def predict(config, workdir: str, input_path: str, out_dir: str, progress: bool 
   Scorer), scored, and the score map resized back bilinearly before thresholding.
   """
   files = list_inputs(input_path)
-  method, state, data, ctx, mesh = restore.restore_trained(config, workdir)  # never trains
-  scorer = evaluate.Scorer(method, state, ctx, mesh, config.eval_batch_size)
+  run = restore.restore_trained(config, workdir)  # never trains
+  method, data, ctx = run.method, run.data, run.ctx
+  scorer = evaluate.Scorer(method, run.state, ctx, run.mesh, config.eval_batch_size)
   threshold, source = choose_threshold(method, config, workdir, data, scorer)
   del data  # only needed for a fitted threshold
   log.info('%s threshold %.4f: %s', method.name, threshold, source)

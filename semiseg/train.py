@@ -9,7 +9,6 @@ import functools
 import logging
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +16,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from semiseg import checkpoint, fileio, monitor, restore, sharding, tensorboard
-from semiseg.data import categories, pipeline
+from semiseg.data import pipeline
 from semiseg.methods import base, prerequisites
+from semiseg.run import Run, resolve, stream_batch_sizes
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +26,18 @@ SAMPLING = {'unlabeled': 'epoch', 'labeled': 'replacement'}
 STREAM_SEED_OFFSET = {'unlabeled': 0, 'labeled': 1}  # independent orders for the two streams
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainResult:
-  method: base.Method
-  state: base.TrainState
-  data: pipeline.CategoryData
-  ctx: base.MethodContext
-  mesh: Any
-  num_train_steps: int
+  run: Run  # the run, with its trained state
   resumed_from: int | None  # checkpoint step this run started from, None when from scratch
   loop_timing: LoopTiming | None = None  # when this run ran train steps
+
+  # The run's parts, read through.
+  method = property(lambda self: self.run.method)
+  state = property(lambda self: self.run.state)
+  data = property(lambda self: self.run.data)
+  ctx = property(lambda self: self.run.ctx)
+  mesh = property(lambda self: self.run.mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,17 +54,15 @@ class LoopTiming:
     return self.steps * self.images_per_step / self.seconds if self.seconds > 0 else float('nan')
 
 
-def _initial_state(method: base.Method, config, ckpt: checkpoint.Checkpointer, mesh):
-  key = jax.random.PRNGKey(config.seed)
-  restored = ckpt.restore(sharding.abstract_state(method.init, key, mesh),
-                          check_meta=lambda meta: restore.check_meta(meta, config, ckpt.directory))
+def _initial_state(run: Run, ckpt: checkpoint.Checkpointer):
+  restored = restore.restore_state(run, ckpt)
   if restored is not None:
     state, meta, step = restored
     ckpt.set_aside_failed()  # unreadable newer steps would block saving those steps again
     return state, step
-  state = sharding.create_sharded_state(method.init, key, mesh)
-  if method.extras is not None:
-    state = state.replace(extras=jax.device_put(method.extras, sharding.replicated(mesh)))
+  state = sharding.create_sharded_state(run.method.init, jax.random.PRNGKey(run.config.seed), run.mesh)
+  if run.method.extras is not None:
+    state = state.replace(extras=jax.device_put(run.method.extras, sharding.replicated(run.mesh)))
   return state, None
 
 
@@ -98,7 +98,7 @@ def _tracked_step(train_step, state, batch, track, reset):
 
 def _batches(method: base.Method, config, data, start_step: int, mesh):
   """Global batches for each step from ``start_step``: ``{'labeled': {...}, 'unlabeled': {...}}``."""
-  sizes = restore.stream_batch_sizes(config, method.streams)
+  sizes = stream_batch_sizes(config, method.streams)
   # One thread gathers each stream's rows and puts the batch on the devices, config.data.prefetch steps
   # ahead: the loop's next() only takes a placed batch, and the copy overlaps the step in flight.
   iters = {s: pipeline.batch_stream(_with_fields(method, getattr(data, s), s), batch_size=sizes[s],
@@ -120,25 +120,27 @@ def _with_fields(method: base.Method, split: pipeline.Split, stream: str) -> pip
 
 def train(config, workdir: str, mesh=None, data=None, progress: bool = True) -> TrainResult:
   """Trains ``config.method`` in ``workdir``, resuming from its latest checkpoint."""
-  config = categories.apply_category_rules(config)  # texture, border and flips of its category
   # One lock per run: process 0 holds it (the others share its workdir, often on the same host).
   with fileio.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
     return _train_locked(config, workdir, mesh, data, progress)
 
 
-def train_prerequisites(config, workdir: str, mesh, data) -> dict[str, base.TrainState]:
-  """Each prerequisite ``config.method`` declares, finished: restored from the workdir its config key
-  names (never trained there), else trained, or resumed, in ``<workdir>/<name>`` on the same data."""
+def train_prerequisites(config, workdir: str, mesh, data) -> dict[str, tuple[base.TrainState, str]]:
+  """Each prerequisite ``config.method`` declares, finished, with its workdir: restored from the workdir
+  its config key names (never trained there), else trained, or resumed, in ``<workdir>/<name>`` on the
+  same data. ``run.resolve``'s resolver for a run the loop trains."""
   trained = {}
   for name, req in prerequisites(config).items():
     given = config.get(req.workdir_key)
+    wd = given or os.path.join(workdir, name)
     if given:
-      trained[name] = restore.restore_prerequisite(
+      state = restore.restore_prerequisite(
           config, name, req, given, mesh, data,
           hint=f' or unset config.{req.workdir_key} to train one inside this run\'s workdir')
     else:
-      trained[name] = train(req.config, os.path.join(workdir, name), mesh=mesh, data=data).state
-    check_health(config, name, req, given or os.path.join(workdir, name))
+      state = train(req.config, wd, mesh=mesh, data=data).state
+    check_health(config, name, req, wd)
+    trained[name] = (state, wd)
   return trained
 
 
@@ -158,25 +160,25 @@ def check_health(config, name: str, req: base.Prerequisite, workdir: str) -> Non
 
 
 def _train_locked(config, workdir, mesh, data, progress) -> TrainResult:
-  method, data, ctx, mesh, total = restore.build(config, workdir, mesh, data,
-                                                 resolve_prerequisites=train_prerequisites)
+  run = resolve(config, workdir, train_prerequisites, mesh, data)
+  config, method, total = run.config, run.method, run.num_train_steps
   if jax.process_index() == 0:
     fileio.write_json_atomic(os.path.join(workdir, 'run_info.json'), fileio.run_info(config))
   ckpt = checkpoint.Checkpointer(workdir, config.ckpt.every_steps, config.ckpt.keep)
   try:
-    state, resumed = _initial_state(method, config, ckpt, mesh)
+    state, resumed = _initial_state(run, ckpt)
     step = int(jax.device_get(state.step))
     if resumed is not None:
       log.info('Resumed %s from step %d in %s', config.method, step, ckpt.directory)
 
     if method.train_step is None:  # closed-form method: solved once from the unlabeled images
       if step == 0:
-        images = sharding.from_full_array(data.unlabeled.images, mesh)  # any count, any process count
+        images = sharding.from_full_array(run.data.unlabeled.images, run.mesh)  # any count, any process count
         state = jax.jit(method.solve)(state, images)
         step = int(jax.device_get(state.step))
-        ckpt.save(step, state, restore.checkpoint_meta(config, step, step, True), force=True)
+        ckpt.save(step, state, run.checkpoint_meta(step, True, total=step), force=True)
       ckpt.wait()
-      return TrainResult(method, state, data, ctx, mesh, step, resumed)
+      return TrainResult(run.with_state(state), resumed)
 
     if step > total:
       raise ValueError(f'{ckpt.directory} holds a checkpoint at step {step}, past this config\'s '
@@ -184,13 +186,13 @@ def _train_locked(config, workdir, mesh, data, progress) -> TrainResult:
                        f'or set config.num_train_steps={step}.')
     loop_timing = None
     if step < total:
-      state, loop_timing = _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, progress)
+      state, loop_timing = _loop(run, ckpt, state, step, progress)
     elif ckpt.latest_step() is None:  # zero steps asked for: still leave a checkpoint
-      ckpt.save(step, state, restore.checkpoint_meta(config, step, total, True), force=True)
+      ckpt.save(step, state, run.checkpoint_meta(step, True), force=True)
     ckpt.wait()
     if jax.process_index() == 0 and method.monitor is not None:
       monitor.write_health(workdir, method.monitor)
-    return TrainResult(method, state, data, ctx, mesh, total, resumed, loop_timing)
+    return TrainResult(run.with_state(state), resumed, loop_timing)
   finally:
     ckpt.close()
 
@@ -200,26 +202,27 @@ def _watch(watcher, state) -> dict:
   return {k: (v if np.isfinite(v) else None) for k, v in watcher(state).items()}  # strict JSON: null, not NaN
 
 
-def _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, progress):
+def _loop(run: Run, ckpt, state, step, progress):
   """Runs steps ``step + 1 .. total`` and keeps the device busy: the host does not wait for a step
   between log steps (metrics stay on the device, ``_tracked_step`` watches them for non-finite
   values), the next batch goes to the device while the current step runs, and a checkpoint's digest
   is reduced on the device (``checkpoint.device_digest``)."""
+  method, config, mesh, total = run.method, run.config, run.mesh, run.num_train_steps
   state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), state)
   replicated = sharding.replicated(mesh)
   jit_step = jax.jit(functools.partial(_tracked_step, method.train_step),
                      out_shardings=(state_sharding, replicated), donate_argnums=0)
   is_main = jax.process_index() == 0
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  batches = _batches(method, config, data, step, mesh)
-  images_per_step = sum(restore.stream_batch_sizes(config, method.streams).values())
+  metrics_path = os.path.join(run.workdir, 'metrics.jsonl')
+  batches = _batches(method, config, run.data, step, mesh)
+  images_per_step = run.images_per_step
   bar = tqdm(total=total, initial=step, desc=f'{config.method}', disable=not (progress and is_main),
              dynamic_ncols=True, leave=False, mininterval=2.0)
   # (step, monitor values, track) of a log step: pulled one step late so dispatch stays asynchronous
   pending = None
   t_last, n_last = time.perf_counter(), step
   compile_s, t_first, first_step = None, None, step + 1
-  watcher = (monitor.Monitor(method, ctx, mesh, data.labeled, float(config.threshold))
+  watcher = (monitor.Monitor(method, run.ctx, mesh, run.data.labeled, float(config.threshold))
              if method.monitor is not None else None)
   batch = next(batches)
   _, abstract_metrics = jax.eval_shape(method.train_step, state, batch)
@@ -251,7 +254,7 @@ def _loop(method, config, workdir, ckpt, mesh, data, ctx, state, step, total, pr
       if ckpt.should_save(step) or step == total:  # checked before it is saved: no non-finite checkpoint
         _flush((step, watched, track), config, metrics_path, is_main, bar, t_last, n_last,
                images_per_step, force_log=True)
-        ckpt.save(step, state, restore.checkpoint_meta(config, step, total, step == total), force=True)
+        ckpt.save(step, state, run.checkpoint_meta(step, step == total), force=True)
         reset = True
       elif log_step:
         pending = (step, watched, track)

@@ -251,3 +251,26 @@ def test_input_validation():
     acc.update(np.zeros((2, 4, 4)), np.zeros((2, 4, 4)), ['good'])
   with pytest.raises(ValueError):
     curves.fit_threshold(np.arange(4.0), np.zeros(4))
+
+
+def test_pixel_auroc_matches_sklearn():
+  rng = np.random.default_rng(0)
+  masks = rng.random((3, 8, 8)) < 0.2
+  scores = rng.random((3, 8, 8)) + 0.5 * masks
+  scores[0, 0, :4] = 0.25  # ties
+  assert metrics.pixel_auroc(scores, masks) == pytest.approx(skm.roc_auc_score(masks.ravel(), scores.ravel()),
+                                                             abs=1e-12)
+  assert np.isnan(metrics.pixel_auroc(scores, np.zeros_like(masks)))
+
+
+def test_defect_iou_matches_sklearn_jaccard_and_the_counts_convention():
+  """The monitor's defect IoU of thresholded maps is sklearn's jaccard_score of the defect class; with
+  neither a predicted nor a true defect pixel it is 1, as iou_from_counts (and eval.json) count it."""
+  rng = np.random.default_rng(1)
+  masks = rng.random((2, 6, 6)) < 0.3
+  probabilities = np.clip(0.6 * masks + 0.5 * rng.random((2, 6, 6)), 0, 1)
+  want = skm.jaccard_score(masks.ravel(), probabilities.ravel() >= 0.5)
+  assert metrics.defect_iou(probabilities, masks, 0.5) == pytest.approx(want, abs=1e-12)
+  empty = np.zeros_like(masks)
+  assert metrics.defect_iou(np.zeros((2, 6, 6)), empty, 0.5) == 1.0 == skm.jaccard_score(
+      empty.ravel(), empty.ravel(), zero_division=1.0)

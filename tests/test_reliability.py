@@ -168,7 +168,7 @@ def test_kill_and_rerun_ends_with_the_straight_runs_parameters_and_a_second_run_
   rerun = run_cli(cmd)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert 'Resumed unet from step' in rerun.stderr
-  _, state, *_ = restore.restore_trained(config_40(), wd)
+  state = restore.restore_trained(config_40(), wd).state
   assert int(state.step) == 40
   assert_same_bits(state, straight[1])
 
@@ -198,7 +198,7 @@ def test_damaged_latest_checkpoint_falls_back_and_the_run_finishes_the_same(stra
   _damage(os.path.join(wd, 'ckpt', '40'), how)
   config = config_40()
   with caplog.at_level(logging.WARNING, logger='semiseg.checkpoint'):
-    _, state, *_ = restore.restore_trained(config, wd)
+    state = restore.restore_trained(config, wd).state
   assert int(state.step) == 36
   ckpt = os.path.join(os.path.abspath(wd), 'ckpt')
   assert f'Restored checkpoint {ckpt}/36 instead of the newer {ckpt}/40' in caplog.text

@@ -58,7 +58,7 @@ def test_ae_unet_feeds_the_unet_the_difference_image_of_the_trained_ae(tmp_path)
     jax.effects_barrier()
     seen.clear()
     restored = restore.restore_trained(config, wd)  # as experiments.evaluate does: the AE from <workdir>/ae
-    evaluate.evaluate(*restored, config, time_it=False)
+    evaluate.evaluate_run(restored, time_it=False)
     jax.effects_barrier()
     in_evaluation = np.concatenate([x for (x,) in seen])
   # The AE as its own checkpoint holds it, applied here with its Flax model.
@@ -75,7 +75,7 @@ def test_ae_unet_feeds_the_unet_the_difference_image_of_the_trained_ae(tmp_path)
   labeled = result.data.labeled.images
   # The D the loop hands every batch (the trained run's own AE arrays were donated to its steps: the
   # restored method's are the same).
-  handed = restored[0].stream_fields['labeled']['diff'](labeled)
+  handed = restored.method.stream_fields['labeled']['diff'](labeled)
   np.testing.assert_allclose(handed, difference(ae_params, labeled.astype(np.float32) / 255.0) / p99, atol=1e-4)
   test_images = result.data.test.images.astype(np.float32) / 255.0
   rows = [int(np.argmin(np.abs(in_evaluation[..., :3] - image).max(axis=(1, 2, 3)))) for image in test_images]

@@ -16,6 +16,7 @@ import numpy as np
 from semiseg import restore, sharding, train
 from semiseg.bench.suite import Record, Setting, device_name
 from semiseg.data import pipeline
+from semiseg.run import resolve
 
 
 def _in_memory_data(config, n: int = 64, seed: int = 0) -> pipeline.CategoryData:
@@ -54,7 +55,8 @@ def time_loop(config, data: pipeline.CategoryData) -> train.LoopTiming:
 def time_bare_step(config, data: pipeline.CategoryData) -> tuple[float, int, int]:
   """(seconds, steps, images per step) of the jitted train step alone on the loop's batches (placed on the device
   beforehand), after a first compiling step: the steps the loop times, back to back."""
-  method, data, _, mesh, total = restore.build(config, None, data=data)
+  run = resolve(config, None, restore.restore_prerequisites, data=data)
+  method, data, mesh, total = run.method, run.data, run.mesh, run.num_train_steps
   state = sharding.create_sharded_state(method.init, jax.random.PRNGKey(config.seed), mesh)
   batches = train._batches(method, config, data, 0, mesh)  # noqa: SLF001 - the loop's own batches
   batches = [next(batches) for _ in range(total)]
@@ -67,7 +69,7 @@ def time_bare_step(config, data: pipeline.CategoryData) -> tuple[float, int, int
     state, metrics = step(state, batch)
   jax.block_until_ready((state, metrics))
   seconds = time.perf_counter() - start
-  return seconds, total - 1, sum(restore.stream_batch_sizes(config, method.streams).values())
+  return seconds, total - 1, run.images_per_step
 
 
 def bench_loop(setting: Setting, method: str = 'unet', steps: int | None = None, repeats: int = 3) -> list[Record]:

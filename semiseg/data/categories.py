@@ -3,7 +3,7 @@
 A config leaves ``data.texture``, ``augment.border``, ``augment.flip_x`` and ``augment.flip_y`` unset
 (None) and the category decides them, wherever the category was set (``configs/mvtec.py:carpet`` or
 ``--config.data.category=carpet``): ``apply_category_rules`` fills them where a config enters the
-library (semiseg.restore.build, the reproduce grid's cells), ``settings`` reads them for one config.
+library (semiseg.run.resolve, the reproduce grid's cells), ``settings`` reads them for one config.
 A value set by hand that contradicts the category's rule is an error that names the key. The
 ``folder`` dataset (a user's own categories) has no rules: ``data.texture`` is the user's (default
 False), the border follows it, flips default to on.
