@@ -223,11 +223,11 @@ def _run_workers(config, root: str, n_workers: int, i: int, n: int, command: lis
   """Shards i*N .. i*N+N-1 of n*N (shard i/n split N ways) in N local processes; then, for the whole
   grid (n = 1), the report. A worker that fails leaves its cells unfinished: named with its log."""
   cells, skipped_methods = grid.plan(config)
-  n_groups = len(grid.groups(grid.shard_cells(cells, i, n)))
-  if n_workers > n_groups:
-    log.warning('config.workers=%d but the shard has %d (category, seed) groups: %d workers.', n_workers,
+  n_groups = len(grid.groups(cells))
+  if n == 1 and n_workers > n_groups:  # (with n > 1 every host must split alike: a worker may get none)
+    log.warning('config.workers=%d but the grid has %d (category, seed) groups: %d workers.', n_workers,
                 n_groups, n_groups)
-    n_workers = max(1, n_groups)
+    n_workers = n_groups
   with contextlib.ExitStack() as locks:
     if n == 1:
       locks.enter_context(fileio.workdir_lock(root))

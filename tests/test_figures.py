@@ -63,3 +63,12 @@ def test_figure6_predictions_are_the_maps_at_their_thresholds(tmp_path, monkeypa
   assert list(preds) == ['ae', 'unet'] and titles == ['crack_003', 'hole_005']
   for m in preds:
     np.testing.assert_array_equal(preds[m], scores[m].astype(np.float32) >= 0.5)
+
+
+def test_the_grids_report_imports_no_jax():
+  import subprocess
+  import sys
+  code = ('import sys, semiseg.grid_report; '
+          'print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "optax", "orbax")))')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == '[]'
