@@ -56,3 +56,11 @@ def test_the_report_reads_null_as_nan():
   assert test['defect_iou'] == 0.5 and math.isnan(test['image_auroc']) and math.isnan(train['defect_iou'])
   assert math.isnan(test['pixel_auroc'])  # absent
   assert test['ms_per_image'] == 2.0
+
+
+@pytest.mark.parametrize('arg,recipe', [('washer,smoke', 'semiseg'), ('washer,smoke,recipe=paper', 'paper')])
+def test_run_info_names_the_recipe(arg, recipe):
+  """run_info.json records the whole resolved config, so any number traces back to its recipe."""
+  from configs import synthetic
+  info = json.loads(fileio.to_json(fileio.run_info(synthetic.get_config(arg))))
+  assert info['config']['recipe'] == recipe and info['config']['method'] == 'ae_unet'
