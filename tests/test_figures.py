@@ -72,3 +72,21 @@ def test_the_grids_report_imports_no_jax():
           'print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "optax", "orbax")))')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == '[]'
+
+
+def test_write_training_curves_draws_the_runs_that_logged(tmp_path, monkeypatch):
+  """A run's curves.png: one panel per metrics.jsonl that exists (the AE beside ae_unet), in the order given;
+  nothing is drawn, and None returned, when no run has logged."""
+  ae, run = str(tmp_path / 'ae' / 'metrics.jsonl'), str(tmp_path / 'metrics.jsonl')
+  files = {'ae': ae, 'ae_unet': run}
+  assert figures.write_training_curves(str(tmp_path), files) is None
+  write_metrics(run, [1.0, 0.5])
+  drawn = []
+  real = figures.training_curves
+  monkeypatch.setattr(figures, 'training_curves', lambda path, runs, title='': (drawn.append(dict(runs)),
+                                                                                 real(path, runs, title)))
+  assert figures.write_training_curves(str(tmp_path), files, 'washer') == str(tmp_path / 'curves.png')
+  write_metrics(ae, [2.0, 1.0])
+  figures.write_training_curves(str(tmp_path), files, 'washer')
+  assert drawn == [{'ae_unet': run}, {'ae': ae, 'ae_unet': run}]
+  assert Image.open(tmp_path / 'curves.png').size[0] > 300
