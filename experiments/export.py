@@ -4,9 +4,10 @@ Usage:
   python -m experiments.export --config configs/synthetic.py:washer,method=ae_unet \\
       --workdir runs/repro/washer/seed0/ae_unet --out export/
 Input of both models: float32 [B, S, S, 3] RGB in [0, 1] at meta.json's stored_size; output float32
-[B, S, S, 1] (defect probability or anomaly score; a defect where >= meta.json's threshold). The README's
-"Deploy" section loads them without this package. Exits 1 when model.onnx could not be written (the
-message names the primitive); model.jaxexport and meta.json are written all the same. --noonnx skips it.
+[B, S, S, 1] (defect probability or anomaly score; a defect where >= meta.json's threshold).
+docs/deploy.md loads them without this package. model.onnx needs the extra `export` (pip install -e
+'.[export]'); exits 1 when it could not be written (the message says why: the converter missing, or the
+primitive without an ONNX rule); model.jaxexport and meta.json are written all the same. --noonnx skips it.
 """
 
 import sys
@@ -18,7 +19,7 @@ from semiseg import export
 
 _main.define_flags()
 flags.DEFINE_string('out', None, 'Output folder.', required=True)
-flags.DEFINE_bool('onnx', True, 'Also write model.onnx (needs jax2onnx, see the README\'s Deploy section).')
+flags.DEFINE_bool('onnx', True, 'Also write model.onnx (needs jax2onnx: pip install -e \'.[export]\').')
 
 
 def main(argv):

@@ -7,11 +7,11 @@ parameters baked in as constants: float32 images ``[B, S, S, 3]`` in [0, 1] at t
 probability or the anomaly score. AE + U-Net carries its AE and the difference image. Nothing here
 trains.
 
-ONNX needs ``jax2onnx>=0.17.1``, installed with ``--no-deps`` (README, Deploy: every release after 0.13.0
-declares ``orbax-checkpoint<0.11.37``, which pip cannot combine with this package's
-``orbax-checkpoint>=0.12.8``, and 0.13.0 has no rule for jax 0.10's ``stack`` primitive). A function that does not convert (a primitive without an ONNX
-rule) raises ``OnnxExportError`` naming the primitive, after ``model.jaxexport`` and ``meta.json`` are
-written.
+ONNX needs jax2onnx, which the extra ``export`` installs in one command (``pip install -e '.[export]'``):
+0.13.0 is the last release pip can combine with this package's ``orbax-checkpoint>=0.12.8`` (every later
+one declares ``orbax-checkpoint<0.11.37``); a later one installed by hand with ``--no-deps`` works too.
+A function that does not convert (a primitive without an ONNX rule) raises ``OnnxExportError`` naming
+the primitive, after ``model.jaxexport`` and ``meta.json`` are written.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ JAXEXPORT, ONNX, META = 'model.jaxexport', 'model.onnx', 'meta.json'
 PLATFORMS = ('cpu', 'cuda')
 INPUT = 'float32 RGB in [0, 1], resized to stored_size'
 INPUT_NAME, OUTPUT_NAME = 'images', 'scores'  # the ONNX graph's input and output
-MIN_JAX2ONNX = (0, 17, 1)  # the release tested; 0.13.0 lacks rules for jax 0.10's primitives ('stack')
+MIN_JAX2ONNX = (0, 13, 0)  # the extra `export`'s pin; 0.17.1 (by hand, --no-deps) converts as well
+FLAX_FIRST = (0, 17, 1)  # from this jax2onnx on, its Flax rules are tried first (conversion_order)
 ONNX_OPSET = 18  # ONNX Runtime >= 1.14 runs it
 ATOL = 1e-4  # largest |ONNX Runtime - jax| accepted on the check images
 NUM_CHECK = 2  # test images the ONNX graph is checked on at export
@@ -94,16 +95,23 @@ def _version(dist: str) -> str | None:
     return None
 
 
-def _check_jax2onnx() -> None:
+def _check_jax2onnx() -> tuple[int, ...]:
+  """The installed jax2onnx's (major, minor, patch); raises OnnxExportError (how to install) without it."""
   version = _version('jax2onnx')
-  hint = (f"pip install -e '.[export]' && pip install --no-deps 'jax2onnx>="
-          f"{'.'.join(map(str, MIN_JAX2ONNX))}' (see the README's Deploy section)")
+  hint = "pip install -e '.[export]' (see docs/deploy.md)"
   if version is None:
     raise OnnxExportError(f'model.onnx needs jax2onnx, which is not installed: {hint}.')
   parts = tuple(int(p) if p.isdigit() else 0 for p in version.split('.')[:3])
   if parts < MIN_JAX2ONNX:
     raise OnnxExportError(f'jax2onnx {version} is too old for jax {jax.__version__} (it has no rules for '
                           f'some of its primitives): {hint}.')
+  return parts
+
+
+def conversion_order() -> tuple[str, str]:
+  """Which conversion export_onnx tries first: jax2onnx >= 0.17.1 converts the Flax layers (its own
+  rules, faster graphs); 0.13.0 fails on ae_unet's after ~15 s of tracing, so the lax program goes first."""
+  return ('flax', 'lax') if _check_jax2onnx() >= FLAX_FIRST else ('lax', 'flax')
 
 
 def _failed_primitive(error: BaseException) -> str | None:
@@ -149,21 +157,56 @@ def _onnx_max_diff(data: bytes, fn, images_BxSxSx3: np.ndarray) -> float | None:
   return float(np.max(np.abs(got - np.asarray(jax.jit(fn)(images_BxSxSx3)))))
 
 
+# Primitives whose inner program is inlined by _eval_inlined: calls whose sub-jaxpr sits in `jaxpr` or
+# `call_jaxpr` and whose inputs are the call's inputs.
+_INLINED = {'jit': 'jaxpr', 'pjit': 'jaxpr', 'closed_call': 'call_jaxpr', 'core_call': 'call_jaxpr',
+            'custom_jvp_call': 'call_jaxpr'}
+
+
+def _eval_inlined(jaxpr, consts, *args) -> list:
+  """Evaluates a jaxpr equation by equation with the calls inlined and jax's ``stack`` primitive written
+  as expand_dims + concatenate: jax2onnx 0.13.0 (the last release pip installs beside
+  orbax-checkpoint >= 0.12) has no rule for ``stack``, which jax 0.10 binds for jnp.stack."""
+  env = {}
+
+  def read(v):
+    return v.val if isinstance(v, jax.extend.core.Literal) else env[v]
+  env.update(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    if name == 'stack':
+      axis = eqn.params['axis']
+      outs = [jax.lax.concatenate([jax.lax.expand_dims(x, (axis,)) for x in invals], axis)]
+    elif name in _INLINED and isinstance(eqn.params.get(_INLINED[name]), jax.extend.core.ClosedJaxpr):
+      inner = eqn.params[_INLINED[name]]
+      outs = _eval_inlined(inner.jaxpr, inner.consts, *invals)
+    else:
+      outs = eqn.primitive.bind(*invals, **eqn.params)
+      outs = outs if eqn.primitive.multiple_results else [outs]
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
+
+
 def export_onnx(fn, stored_size: int, path: str, model_name: str, check_images: np.ndarray | None = None) -> dict:
   """``fn`` as one self-contained ONNX file with a symbolic batch at ``path`` (atomic).
 
-  Two conversions, the first that converts (and, given ``check_images`` float32 [N, S, S, 3] and
-  onnxruntime, gives jax's scores within ATOL) is written: the function as jax2onnx traces it (its own
-  rules for Flax layers: fewer layout transposes, ONNX Runtime 17.6 against 26.4 ms/image for ae_unet at
-  the CPU config), else the traced lax program, as jax.export serializes it. Raises ``OnnxExportError``
-  naming the primitive (of the second) when neither does. Returns {'conversion', 'max_abs_diff'}.
+  Two conversions, in ``conversion_order()``; the first that converts (and, given ``check_images`` float32
+  [N, S, S, 3] and onnxruntime, gives jax's scores within ATOL) is written: 'flax', the function as
+  jax2onnx traces it (its own rules for Flax layers: fewer layout transposes, ONNX Runtime 17.6 against
+  26.4 ms/image for ae_unet at the CPU config, with jax2onnx 0.17.1), and 'lax', the traced lax program
+  (``_eval_inlined``). Raises the lax conversion's ``OnnxExportError`` (it names the primitive) when
+  neither does.
+  Returns {'conversion', 'max_abs_diff'}.
   """
-  _check_jax2onnx()
+  order = conversion_order()
   import jax2onnx
   spec = input_spec(stored_size)
-  program = jax.extend.core.jaxpr_as_fun(jax.make_jaxpr(fn)(spec))
-  candidates = (('flax', fn), ('lax', lambda images: program(images)[0]))
-  error = None
+  program = jax.make_jaxpr(fn)(spec)
+  functions = {'flax': fn, 'lax': lambda images: _eval_inlined(program.jaxpr, program.consts, images)[0]}
+  candidates = [(name, functions[name]) for name in order]
+  errors = {}
   for conversion, f in candidates:
     try:
       with _quiet_converter():
@@ -179,6 +222,7 @@ def export_onnx(fn, stored_size: int, path: str, model_name: str, check_images: 
       error = OnnxExportError(f'ONNX conversion of {model_name} failed at {where}: {type(e).__name__}: {first}')
       error.__cause__ = e
       log.info('%s conversion: %s', conversion, error)
+      errors[conversion] = error
       continue
     try:
       diff = None if check_images is None else _onnx_max_diff(data, fn, check_images)
@@ -190,15 +234,17 @@ def export_onnx(fn, stored_size: int, path: str, model_name: str, check_images: 
                               f'{type(e).__name__}: {first[:300]}')
       error.__cause__ = e
       log.info('%s conversion: %s', conversion, error)
+      errors[conversion] = error
       continue
     if diff is not None and not diff <= ATOL:
       error = OnnxExportError(f'ONNX Runtime gives scores of {model_name} {diff:.2g} away from jax\'s '
                               f'(more than {ATOL}) on {len(check_images)} image(s)')
       log.info('%s conversion: %s', conversion, error)
+      errors[conversion] = error
       continue
     fileio.write_bytes_atomic(path, data)
     return {'conversion': conversion, 'max_abs_diff': diff}
-  raise error
+  raise errors['lax']  # the lax program's: its equations name the primitive without a rule
 
 
 def versions() -> dict[str, str | None]:

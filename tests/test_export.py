@@ -1,6 +1,6 @@
 """Exported artifacts: model.jaxexport and model.onnx give the scores the Scorer behind predict gives (an
 object with a probability method, AE inside; a texture with an anomaly score, tiled inside); AnoGAN's ONNX
-error names its primitive and leaves the other two files; end to end through the CLIs, the README's Deploy
+error names its primitive and leaves the other two files; end to end through the CLIs, docs/deploy.md's
 script in a fresh interpreter without semiseg reproduces predict's score PNGs."""
 
 import importlib.util
@@ -33,8 +33,8 @@ def _have_onnx() -> bool:
 
 
 HAVE_ONNX = _have_onnx()
-needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="model.onnx needs jax2onnx>=0.17.1 and onnxruntime: "
-                                "pip install -e '.[export]' && pip install --no-deps 'jax2onnx>=0.17.1'")
+needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="model.onnx needs jax2onnx and onnxruntime: "
+                                "pip install -e '.[export]' (the extra test has them too)")
 
 
 def child_env() -> dict[str, str]:
@@ -111,17 +111,17 @@ def test_artifacts_give_the_scores_of_predict(which, request):
     assert meta['onnx_check']['max_abs_diff'] <= export.ATOL  # checked at export on two test images
 
 
-def readme_deploy_script(onnx: bool) -> str:
-  """The README's Deploy example; without ONNX (no jax2onnx here) its onnxruntime lines left out."""
-  with open(os.path.join(ROOT, 'README.md')) as f:
-    readme = f.read()
-  section = readme.split('\n## Deploy\n', 1)[1].split('\n## ', 1)[0]
+def deploy_script(onnx: bool) -> str:
+  """docs/deploy.md's script; without ONNX (no jax2onnx here) its onnxruntime lines left out."""
+  with open(os.path.join(ROOT, 'docs', 'deploy.md')) as f:
+    doc = f.read()
+  section = doc.split('\n## Load and run\n', 1)[1].split('\n## ', 1)[0]
   code = re.search(r'```python\n(.*?)```', section, re.S).group(1)
   return code if onnx else '\n'.join(line for line in code.splitlines() if 'onnx' not in line)
 
 
 def test_end_to_end_deploy_script_matches_predict(ae_unet, tmp_path):
-  """The issue's check: export and predict through their CLIs; the README's script, in a fresh interpreter
+  """The issue's check: export and predict through their CLIs; docs/deploy.md's script, in a fresh interpreter
   that never imports semiseg, loads model.jaxexport (and model.onnx) and gives predict's scores and masks."""
   config, wd, out, inputs = ae_unet
   assert sorted(os.listdir(out)) == sorted([export.JAXEXPORT, export.META] + ([export.ONNX] if HAVE_ONNX else []))
@@ -131,7 +131,7 @@ def test_end_to_end_deploy_script_matches_predict(ae_unet, tmp_path):
   deploy = tmp_path / 'deploy'
   deploy.mkdir()
   os.symlink(out, deploy / 'export')
-  (deploy / 'deploy.py').write_text(readme_deploy_script(HAVE_ONNX))
+  (deploy / 'deploy.py').write_text(deploy_script(HAVE_ONNX))
   images = sorted(os.listdir(inputs))
   for name in images:
     (deploy / name).write_bytes(open(os.path.join(inputs, name), 'rb').read())
@@ -182,14 +182,15 @@ def test_onnx_is_one_file_with_large_parameters(tmp_path):
 
 @needs_onnx
 def test_a_conversion_that_disagrees_with_jax_is_not_written(tmp_path, monkeypatch):
-  """jax2onnx's Flax rules first; scores off by more than ATOL on the check images: the traced program;
+  """The first conversion's scores off by more than ATOL on the check images: the second one is written;
   both off: an error, and no model.onnx."""
   fn = lambda images: images[..., :1] * 2
   x = np.ones((1, 8, 8, 3), np.float32)
   diffs = iter([1.0, 0.0])
   monkeypatch.setattr(export, '_onnx_max_diff', lambda data, fn, images: next(diffs))
+  assert sorted(export.conversion_order()) == ['flax', 'lax']
   assert export.export_onnx(fn, 8, str(tmp_path / export.ONNX), 'twice', check_images=x) == {
-      'conversion': 'lax', 'max_abs_diff': 0.0}
+      'conversion': export.conversion_order()[1], 'max_abs_diff': 0.0}
   os.remove(tmp_path / export.ONNX)
   monkeypatch.setattr(export, '_onnx_max_diff', lambda data, fn, images: float('nan'))
   with pytest.raises(export.OnnxExportError, match="away from jax's"):
@@ -238,3 +239,17 @@ def test_difference_image_blur_converts_with_a_symbolic_batch(tmp_path):
   got = session.run(None, {session.get_inputs()[0].name: x})[0]
   want = scipy.ndimage.gaussian_filter(x, (0, 1.0, 1.0, 0), mode='nearest', truncate=3.0)
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_lax_program_is_evaluated_without_stack_and_gives_the_same_numbers():
+  """jax2onnx 0.13.0 has no rule for jax's `stack` primitive (jnp.stack): the lax conversion evaluates
+  the traced program with calls inlined and `stack` as expand_dims + concatenate; against numpy."""
+  import jax.numpy as jnp
+  fn = lambda x: jax.nn.relu(jax.jit(lambda y: jnp.stack([y, 2 * y, -y], axis=1))(x)).sum(1)
+  x = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+  program = jax.make_jaxpr(fn)(x)
+  assert 'stack' in str(program)
+  inlined = lambda v: export._eval_inlined(program.jaxpr, program.consts, v)[0]
+  assert 'stack' not in str(jax.make_jaxpr(inlined)(x))
+  want = np.maximum(np.stack([x, 2 * x, -x], axis=1), 0).sum(1)
+  np.testing.assert_allclose(np.asarray(inlined(x)), want, rtol=1e-6)

@@ -30,12 +30,9 @@ RUNTIME_ONLY = {
                    'undeclared',
     'array-record': "TFDS writes and reads the datasets' array_record files through it (tensorflow-datasets "
                     'pulls it in on Linux only)',
-    'onnx': "jax2onnx's own dependency: jax2onnx is installed with --no-deps (README, Deploy)",
-    'onnx-ir': "jax2onnx's own dependency: jax2onnx is installed with --no-deps (README, Deploy)",
 }
 # Imported but not declared, with the reason.
-NOT_DECLARED = {'jax2onnx': 'every release after 0.13.0 declares orbax-checkpoint<0.11.37, which pip cannot '
-                            'combine with ours: installed by hand with --no-deps (README, Deploy)'}
+NOT_DECLARED = {}
 # Where an optional group's modules may be imported besides tests/ (which may import any, skipping
 # without them): {extra: path prefixes relative to the root}.
 EXTRA_USERS = {'bench': ('semiseg/bench/', 'experiments/benchmark.py'),
