@@ -49,7 +49,7 @@ def requirement_name(requirement: str) -> str:
 
 def provided_by(top: str, providers) -> set[str]:
   """Normalized names of the distributions that provide the import name ``top``. An optional extra that is
-  not installed here (torch, onnxruntime in CI) has no metadata to ask: its import name is taken as the
+  not installed here (torch in CI) has no metadata to ask: its import name is taken as the
   distribution's, which holds for every optional module this project imports."""
   return {normalize(d) for d in providers.get(top, ())} or {normalize(top)}
 
