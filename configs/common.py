@@ -83,10 +83,8 @@ def get_base_config() -> config_dict.ConfigDict:
   # Unset: from the category (semiseg/data/categories.py); set by hand, it must agree with it ('folder':
   # the user's choice, default False).
   c.data.texture = config_dict.placeholder(bool)
-  # The split (paper 4.1, Table 1): 'paper' = for every test folder, good included, k_labeled images
-  # labeled and test_to_unlabeled moved into the unlabeled set; 'k_per_defect' = k_labeled images per
-  # defect type labeled, nothing moved (unlabeled = train/good only).
-  c.data.split = 'paper'
+  # The split (paper 4.1, Table 1): for every test folder, good included, k_labeled images labeled and
+  # test_to_unlabeled moved into the unlabeled set.
   c.data.k_labeled = 1
   c.data.test_to_unlabeled = 2
   c.data.split_seed = 0
@@ -113,11 +111,9 @@ def get_base_config() -> config_dict.ConfigDict:
   c.model = config_dict.ConfigDict()
   c.model.ae_features = (32, 64, 128, 256, 256)  # encoder widths; each level halves H and W
   c.model.latent_dim = 500
-  c.model.ae_loss = 'mse'  # 'mse' | 'ssim'
   # 'dense': the paper's latent vector of latent_dim (Figure 3); 'conv': latent_dim channels at the
   # bottom resolution (a spatial code, which can learn textures).
   c.model.ae_bottleneck = 'dense'
-  c.model.ae_activation = 'leaky_relu'  # 'leaky_relu' (slope 0.2) | 'relu' | 'elu'
   # 'none': the paper's AE on the image; 'image': on the image standardized per image and channel, its
   # linear head's output mapped back (semiseg/models/autoencoder.py).
   c.model.ae_normalize = 'none'
@@ -125,24 +121,15 @@ def get_base_config() -> config_dict.ConfigDict:
   # |I - reconstruction| over colour channels: 'mean' or 'max' (a defect in one channel at full contrast).
   c.model.diff_channels = 'mean'
   c.model.diff_blur = 0.0  # sigma (px) of a Gaussian blur of D = |I - AE(I)|, as score and U-Net input
-  # ae_unet training: D of the warped image ('warped': |W(I) - AE(W(I))|) or of the stored one, warped
-  # with it ('stored': W(|I - AE(I)|), textures tile by tile as in evaluation). The paper does not say.
-  c.model.diff_on = 'stored'
   # ae_unet: D into the U-Net as is ('none', the paper) or divided by its 99th percentile over the
   # unlabeled images ('p99'; semiseg/methods/ae_unet.py).
   c.model.diff_scale = 'none'
-  # ae_unet training: the probability that an image's D is zeroed (its image kept), so the U-Net also
-  # learns the defects from the image alone. 0 (the paper): D always enters.
-  c.model.diff_dropout = 0.0
   # ae_unet with unet_input='image+diff': D enters always ('none', the paper), or only when it ranks the
   # labeled images' defect pixels better than |I - M| ('trivial'; else as zeros, and eval.json's
   # diff_gate says so).
   c.model.diff_gate = 'none'
   c.model.unet_features = 64
   c.model.unet_depth = 4
-  # Defect-pixel prior for the U-Net head's initial bias (0.5 = zero bias). Defects are ~1 % of the
-  # pixels; starting there skips the first hundreds of steps spent learning "all background".
-  c.model.unet_prior = 0.01
   # 'none': the paper's U-Net (plain 3x3 convolutions and ReLUs); 'group': GroupNorm after each 3x3
   # convolution, for every U-Net method alike (unet, pi_model, mean_teacher, ae_unet).
   c.model.unet_norm = 'none'
@@ -162,13 +149,6 @@ def get_base_config() -> config_dict.ConfigDict:
   c.ae_learning_rate = config_dict.placeholder(float)  # unset: config.optim.learning_rate
   # The AE's own x decay_rate interval; unset: config.optim's (decay_every_steps, else decay_every_epochs).
   c.ae_decay_every_steps = config_dict.placeholder(int)
-  # Which AE checkpoint ae_unet (and the ae cell) use: 'last', or 'labeled_auroc' = the one whose D
-  # ranks the labeled images' defect pixels best (pixel AUROC, measured at every log step). 'last' by
-  # measurement (README, "Choosing the AE checkpoint"): at the CPU config both pick the same AE on washer
-  # and pcb, and nearly so on brick (step 1920 of 2000); on grass the selection lifts D from 0.711 to
-  # 0.792 (three seeds; an early AE that has not yet learned to reproduce the holes), on gravel it costs
-  # 0.008, and AE + U-Net on grass gained 0.03, inside its seeds' spread and still below the U-Net.
-  c.ae_select = 'last'
   c.ae_allow_collapsed = False  # ae_unet on an AE whose training collapsed: refused unless True
   c.ae_workdir = config_dict.placeholder(str)  # ae_unet: trained AE; unset: <workdir>/ae, trained first
   c.threshold = 0.5  # score maps of probability methods; fitted rule for anomaly methods

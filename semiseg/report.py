@@ -404,7 +404,7 @@ def build_markdown(*, dataset: str, rows: list[dict], timing: list[dict], counts
             'W whitening the unlabeled images\' colour deviations: how far the defects stand out by colour alone (where normal '
             'colours vary along one direction, as in the embedded textures, it finds every defect that adds a colour). '
             'Pixel AUROC and AP on the test split, AUPRO (FPR ≤ 0.3), and '
-            'AUROC on the labeled images (what `config.ae_select=labeled_auroc` selects by). Raw numbers: '
+            'AUROC on the labeled images (what the gate, `config.model.diff_gate`, compares). Raw numbers: '
             '`diff_quality.csv`.', '', diff_quality_table(diff_rows), '']
   if recon_rows:
     out += ['## Reconstruction error on normal test images', '',

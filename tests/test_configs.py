@@ -90,7 +90,7 @@ def test_a_setting_that_contradicts_the_category_is_an_error_naming_the_key(over
 
 def test_the_split_is_the_papers_by_default():
   for c in (synthetic.get_config(), mvtec.get_config('bottle'), folder.get_config('cpu')):
-    assert (c.data.split, c.data.k_labeled, c.data.test_to_unlabeled) == ('paper', 1, 2)
+    assert (c.data.k_labeled, c.data.test_to_unlabeled) == (1, 2)
 
 
 def test_paper_settings():

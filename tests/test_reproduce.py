@@ -363,9 +363,6 @@ def test_fingerprints_from_the_methods_declarations_equal_the_former_table(tmp_p
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
   config = smoke_config()
-  for removed in ('unet_prior', 'diff_dropout'):  # being removed from the config (issue 30)
-    if removed in config.model:
-      del config.model[removed]
   names = ('ae', 'pca', 'anogan', 'unet', 'pi_model', 'mean_teacher', 'ae_unet')
   cells = [grid.Cell('synthetic_defects', 'washer', 0, m) for m in names]
   cells += [grid.Cell('synthetic_defects', 'brick', 1, 'unet', 'no_aug'),
