@@ -97,6 +97,20 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     f.close()
 
 
+def git_commit() -> str | None:
+  """The commit of the checkout the package comes from (an editable install), else of the one the run
+  started in (a wheel installed from it: site-packages is no git tree); None outside a checkout."""
+  for folder in (os.path.dirname(os.path.abspath(__file__)), os.getcwd()):
+    try:
+      commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
+                              cwd=folder).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+      commit = None
+    if commit:
+      return commit
+  return None
+
+
 def run_info(config) -> dict:
   """The resolved config, package versions, git commit and devices of a run."""
   import jax
@@ -108,17 +122,7 @@ def run_info(config) -> dict:
       versions[name] = getattr(module, '__version__', 'unknown')
     except ImportError:
       versions[name] = None
-  # The checkout the package comes from (an editable install), else the one the run started in (a wheel
-  # installed from it: site-packages is no git tree).
-  commit = None
-  for folder in (os.path.dirname(os.path.abspath(__file__)), os.getcwd()):
-    try:
-      commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
-                              cwd=folder).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-      commit = None
-    if commit:
-      break
+  commit = git_commit()
   return {
       'config': json.loads(config.to_json_best_effort()),
       'versions': versions, 'python': sys.version.split()[0], 'platform': platform.platform(),

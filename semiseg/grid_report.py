@@ -70,7 +70,7 @@ def missing_note(cells: list, evals: dict) -> str | None:
 
 
 def write_report(root: str, dataset: str, cells: list, evals: dict, notes: list[str],
-                 overlay_category: str) -> Collected:
+                 overlay_category: str, recipe: str | None = None, commit: str | None = None) -> Collected:
   """Writes the grid's CSV files, figures and report.md (root/report.md) from ``evals`` ({cell: eval.json}
   of the finished cells of ``cells``); ``notes`` open report.md's notes (skipped methods, failures)."""
   got = collect(evals)
@@ -93,7 +93,7 @@ def write_report(root: str, dataset: str, cells: list, evals: dict, notes: list[
   text = report.build_markdown(dataset=dataset, rows=got.rows, timing=got.timing, counts=got.counts,
                                figures=figure_paths, notes=list(notes) + ([missing] if missing else []) + got.notes,
                                diff_rows=got.diff_rows, curves=curve_paths, recon_rows=got.recon_rows,
-                               convergence=convergence,
+                               convergence=convergence, recipe=recipe, commit=commit,
                                overlay_dir=overlay_rel if os.path.isdir(os.path.join(root, overlay_rel)) else None)
   fileio.write_text_atomic(os.path.join(root, 'report.md'), text + '\n')
   return got

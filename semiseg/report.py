@@ -349,14 +349,20 @@ def threshold_free_table(rows: list[dict]) -> str:
 def build_markdown(*, dataset: str, rows: list[dict], timing: list[dict], counts: dict[str, dict],
                    figures: dict[str, str], overlay_dir: str | None, notes: list[str],
                    diff_rows: list[dict] | None = None, curves: dict[str, str] | None = None,
-                   recon_rows: list[dict] | None = None, convergence: list[dict] | None = None) -> str:
-  """report.md: every table of the paper, our numbers as mean ± sample std (ddof=1) over seeds."""
+                   recon_rows: list[dict] | None = None, convergence: list[dict] | None = None,
+                   recipe: str | None = None, commit: str | None = None) -> str:
+  """report.md: every table of the paper, our numbers as mean ± sample std (ddof=1) over seeds;
+  ``recipe`` (config.recipe) and ``commit`` say what made them."""
   mvtec = dataset == 'mvtec_ad'
   seeds = sorted({r['seed'] for r in rows})
   devices = sorted({t['device'] for t in timing if t['device']})
   batch_ns = sorted({t['batch_n'] for t in timing if t['batch_n']})
   has = lambda m, v=MAIN: any(r['method'] == m and r['variant'] == v for r in rows)
-  out = [f'# Reproduction report: {dataset}', '',
+  out = [f'# Reproduction report: {dataset}', '']
+  if recipe or commit:
+    out += [f'Recipe `{recipe}` (`config.recipe`: `paper` follows the paper\'s text, `semiseg` is the project\'s '
+            f'measured recipe); code at commit `{commit or "unknown"}`.', '']
+  out += [
          f'Seeds {seeds}: numbers are the mean ± sample standard deviation (ddof=1) over seeds (one seed: '
          'the value alone). The seed sets model initialisation, augmentation and batch order; the split '
          '(`data.split_seed`) is the same for every seed and method, so the spread is training variance. '

@@ -208,7 +208,8 @@ def _report(config, root: str, run: list[str], done: list[str] | None, failed: l
   if main:
     categories = list(dict.fromkeys(c.category for c in cells))
     got = grid_report.write_report(root, config.data.name, cells, evals, notes,
-                                   config.overlay_category or categories[0])
+                                   config.overlay_category or categories[0], recipe=config.recipe,
+                                   commit=fileio.git_commit())
   else:
     got = grid_report.collect(evals)
   if missing:

@@ -54,6 +54,10 @@ def test_report_has_every_table_and_the_figures(repro):
                   'Threshold-free', 'Figure 6'):
     assert f'## {heading}' in text, heading
   assert '](figures/fig6_washer.png)' in text
+  # The recipe and commit that made it (the smoke grid runs configs/synthetic.py's recipe=semiseg).
+  info = json.load(open(os.path.join(root, 'washer', 'seed0', 'unet', 'run_info.json')))
+  assert info['config']['recipe'] == 'semiseg'
+  assert f"Recipe `semiseg`" in text and f"commit `{info['git_commit'] or 'unknown'}`" in text
   fig = Image.open(os.path.join(root, 'figures', 'fig6_washer.png'))
   assert fig.size[0] > 600 and fig.size[1] > 300
   test_count = len(report.read_csv(os.path.join(root, 'results.csv')))  # any file: just readable
