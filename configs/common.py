@@ -126,7 +126,7 @@ def get_base_config() -> config_dict.ConfigDict:
   c.model.diff_scale = 'none'
   # ae_unet with unet_input='image+diff': D enters always ('none', the paper), or only when it ranks the
   # labeled images' defect pixels better than |I - M| ('trivial'; else as zeros, and eval.json's
-  # diff_gate says so).
+  # diff_gate says so), or the better of D and |I - M| enters ('best').
   c.model.diff_gate = 'none'
   c.model.unet_features = 64
   c.model.unet_depth = 4
@@ -188,6 +188,14 @@ def get_base_config() -> config_dict.ConfigDict:
   # settings (an epoch is a pass over the unlabeled set: ~14 steps at batch 16).
   c.consistency.rampup_steps = 1000
   c.consistency.ema_decay = 0.99  # mean_teacher: teacher = d * teacher + (1 - d) * student
+
+  # Synthetic defects with exact masks on unlabeled images in the U-Net methods' batches (issue 33;
+  # semiseg/anomalies.py draws them, semiseg/methods/synthetic.py mixes them in).
+  c.synth = config_dict.ConfigDict()
+  c.synth.enabled = False  # unet, ae_unet, pi_model, mean_teacher: train on synthetic defects too
+  c.synth.kinds = 'appearance,structure,intensity'  # comma-separated subset of semiseg.anomalies.KINDS
+  c.synth.share = 0.5  # of config.batch_size, round(share * batch_size) synthetic; 1.0: no labeled image
+  c.synth.strength = 1.0  # scales each defect's opacity (appearance, structure) or amplitude (intensity)
   return c
 
 

@@ -215,6 +215,10 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
   rule = config.threshold_rule if method.score_kind == 'anomaly' else 'fixed'
   if rule not in ('labeled', 'oracle', 'fixed'):
     raise ValueError(f"config.threshold_rule must be 'labeled', 'oracle' or 'fixed', got {rule!r}.")
+  if rule == 'labeled' and not len(data.labeled):
+    raise ValueError(f'config.threshold_rule=\'labeled\' fits {method.name}\'s threshold on the labeled images, but '
+                     'there are none (config.data.k_labeled=0); set config.threshold_rule=oracle (reported under '
+                     'that name) or fixed (config.threshold).')
   if rule == 'labeled':  # the paper's rule: the ROC point with the largest TPR - FPR
     threshold = curves.fit_threshold(train_scores, masks_2d(data.labeled))
   elif rule == 'oracle':
@@ -222,7 +226,8 @@ def evaluate(method: base.Method, state: base.TrainState, data, ctx: base.Method
   else:
     threshold = float(config.threshold)
   test, per_type = metrics_at(test_scores, data.test, threshold, num_bins)
-  train, _ = metrics_at(train_scores, data.labeled, threshold, num_bins)
+  # No labeled image (config.data.k_labeled=0, zero-label mode): no training metrics, train is null.
+  train = metrics_at(train_scores, data.labeled, threshold, num_bins)[0] if len(data.labeled) else None
   out = {'method': method.name, 'dataset': config.data.name, 'category': config.data.category,
          'seed': int(config.seed), 'score_kind': method.score_kind, 'threshold_rule': rule,
          'threshold': threshold, 'test': test, 'train': train, 'per_defect_type': per_type,

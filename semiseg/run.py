@@ -98,6 +98,14 @@ def primary_batch_key(config) -> str:
   return f'config.{config.method}.batch_size' if _own(config, 'batch_size') is not None else 'config.batch_size'
 
 
+def method_batch_sizes(config, method: base.Method) -> dict[str, int]:
+  """The method's own split of its streams' batches (``Method.batch_sizes``: config.synth), else
+  ``stream_batch_sizes``."""
+  if method.batch_sizes is not None:
+    return {s: int(method.batch_sizes[s]) for s in method.streams}
+  return stream_batch_sizes(config, method.streams)
+
+
 def stream_batch_sizes(config, streams: tuple[str, ...]) -> dict[str, int]:
   """The primary stream gets ``batch_size`` (or the method group's own, ``config.anogan.batch_size``);
   an unlabeled secondary stream ``unlabeled_batch_size``."""
@@ -145,8 +153,9 @@ def validate_config(config) -> None:
     raise ValueError(f'config.eval_batch_size must be positive, got {config.eval_batch_size}.')
   if config.log_every_steps <= 0:
     raise ValueError(f'config.log_every_steps must be positive, got {config.log_every_steps}.')
-  if config.data.k_labeled < 1:
-    raise ValueError(f'config.data.k_labeled must be at least 1, got {config.data.k_labeled}.')
+  if config.data.k_labeled < 0:
+    raise ValueError(f'config.data.k_labeled must be >= 0 (0: zero-label mode, with config.synth), '
+                     f'got {config.data.k_labeled}.')
   if config.data.test_to_unlabeled < 0:
     raise ValueError(f'config.data.test_to_unlabeled must be >= 0, got {config.data.test_to_unlabeled}.')
   if config.data.image_size <= 0:
@@ -175,13 +184,19 @@ def resolve(config, workdir: str | None, resolve_prerequisites: PrerequisiteReso
                            steps_per_epoch=steps_per_epoch, unlabeled=data.unlabeled.images,
                            labeled=data.labeled)
   method = create_method(config, ctx, {name: state for name, (state, _) in resolved.items()})
-  sizes = stream_batch_sizes(config, method.streams)
+  sizes = method_batch_sizes(config, method)
   for stream, size in sizes.items():
-    key = primary_batch_key(config) if stream == method.streams[0] else 'config.unlabeled_batch_size'
+    if method.batch_sizes is not None:
+      key = 'config.batch_size and config.synth.share'
+    else:
+      key = primary_batch_key(config) if stream == method.streams[0] else 'config.unlabeled_batch_size'
     sharding.check_batch_size(size, mesh, key)
     if len(getattr(data, stream)) == 0:
+      hint = (' (config.data.k_labeled=0: only synthetic defects, config.synth.enabled=True with '
+              'config.synth.share=1.0, train a U-Net method without labeled images)'
+              if stream == 'labeled' and config.data.k_labeled == 0 else '')
       raise ValueError(f'The {stream} split of {config.data.name}/{config.data.category} is empty; '
-                       f'{config.method} needs {stream} images.')
+                       f'{config.method} needs {stream} images{hint}.')
   return Run(config=config, workdir=workdir, mesh=mesh, data=data, ctx=ctx, method=method,
              steps_per_epoch=steps_per_epoch, num_train_steps=total, batch_sizes=sizes,
              prerequisite_workdirs={name: wd for name, (_, wd) in resolved.items()})

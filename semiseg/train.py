@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from semiseg import checkpoint, fileio, monitor, restore, sharding, tensorboard
 from semiseg.data import pipeline
 from semiseg.methods import base, prerequisites
-from semiseg.run import Run, resolve, stream_batch_sizes
+from semiseg.run import Run, method_batch_sizes, resolve
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def _tracked_step(train_step, state, batch, track, reset):
 
 def _batches(method: base.Method, config, data, start_step: int, mesh):
   """Global batches for each step from ``start_step``: ``{'labeled': {...}, 'unlabeled': {...}}``."""
-  sizes = stream_batch_sizes(config, method.streams)
+  sizes = method_batch_sizes(config, method)
   # One thread gathers each stream's rows and puts the batch on the devices, config.data.prefetch steps
   # ahead: the loop's next() only takes a placed batch, and the copy overlaps the step in flight.
   iters = {s: pipeline.batch_stream(_with_fields(method, getattr(data, s), s), batch_size=sizes[s],

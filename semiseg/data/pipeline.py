@@ -154,7 +154,7 @@ def load_category(data_config, workdir: str | None) -> CategoryData:
                       labeled=_make_split(examples, manifest['labeled'], s),
                       test=_make_split(examples, manifest['test'], s),
                       manifest=manifest, texture=spec.texture, image_size=spec.image_size)
-  for part in ('unlabeled', 'labeled'):
+  for part in ('unlabeled', 'labeled') if spec.k_labeled else ('unlabeled',):  # k_labeled=0: none labeled
     if not len(getattr(data, part)):
       raise ValueError(f'{where}: the {part} split is empty; check config.data.category and '
                        'data.k_labeled, and that the category has train/good and defect images.')

@@ -44,12 +44,13 @@ def make_split(test_defect_types: list[str], test_filenames: list[str], train_fi
   Args:
     test_defect_types, test_filenames: the test images and their folder (``good`` or a defect type).
     train_filenames: ``train/good`` images; always unlabeled.
-    k: labeled images per folder (``config.data.k_labeled``).
+    k: labeled images per folder (``config.data.k_labeled``); 0 labels none (zero-label mode: the U-Net
+      methods then train on synthetic defects alone, config.synth).
     seed: ``config.data.split_seed``.
     test_to_unlabeled: images per folder moved into the unlabeled set.
   """
-  if k < 1:
-    raise ValueError(f'config.data.k_labeled must be >= 1, got {k}.')
+  if k < 0:
+    raise ValueError(f'config.data.k_labeled must be >= 0, got {k}.')
   moved = int(test_to_unlabeled)
   if moved < 0:
     raise ValueError(f'config.data.test_to_unlabeled must be >= 0, got {test_to_unlabeled}.')

@@ -73,6 +73,9 @@ class Method:
   # a change to one leaves the other methods' finished grid cells finished (semiseg.grid.fingerprint).
   # A key no method declares is read by all. Each method module also exports it as CONFIG_KEYS.
   config_keys: tuple[str, ...] = ()
+  # Global batch size of each stream when the method splits config.batch_size itself (config.synth: labeled
+  # and unlabeled images); None: semiseg.run.stream_batch_sizes's rule.
+  batch_sizes: dict[str, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,14 +9,15 @@ import jax.numpy as jnp
 import optax
 
 from semiseg import augment
-from semiseg.methods import base, consistency, unet
+from semiseg.methods import base, consistency, synthetic, unet
 from semiseg.methods.base import ema, ema_decay_at
 from semiseg.models.unet import UNet
 
 
 def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, tx: optax.GradientTransformation,
-               spec: augment.AugmentSpec, max_weight: float, rampup_steps: int, ema_decay: float):
-  images, masks = unet.augmented_labeled(state, batch, spec)
+               spec: augment.AugmentSpec, max_weight: float, rampup_steps: int, ema_decay: float,
+               synth: synthetic.SynthSpec | None = None):
+  images, masks = unet.augmented_labeled(state, batch, spec, synth)
   unlabeled = base.to_float(batch['unlabeled']['image'])
   in_hw = tuple(unlabeled.shape[1:3])
   v1, v2, m1, m2 = consistency.two_views(jax.random.fold_in(base.step_key(state), 1), unlabeled, spec)
@@ -68,13 +69,15 @@ def create(config, ctx: base.MethodContext) -> base.Method:
   tx = base.optimizer_from_config(config, ctx)
   spec = base.augment_spec(config, ctx)
   max_weight, rampup_steps = consistency.settings(config)
+  synth = synthetic.from_config(config)
+  names, sizes = unet.streams(synth, ('labeled', 'unlabeled'), own_unlabeled=config.unlabeled_batch_size)
   ema_decay = float(config.consistency.ema_decay)
   if not 0 <= ema_decay < 1:
     raise ValueError(f'config.consistency.ema_decay must be in [0, 1), got {ema_decay}.')
   return base.Method(
-      name='mean_teacher', streams=('labeled', 'unlabeled'), score_kind='probability', config_keys=CONFIG_KEYS,
+      name='mean_teacher', streams=names, batch_sizes=sizes, score_kind='probability', config_keys=CONFIG_KEYS,
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size),
       train_step=partial(train_step, model=model, tx=tx, spec=spec, max_weight=max_weight,
-                         rampup_steps=rampup_steps, ema_decay=ema_decay),
+                         rampup_steps=rampup_steps, synth=synth if synth.enabled else None, ema_decay=ema_decay),
       score_map=partial(score_map, model=model),
       monitor='teacher_iou_labeled', monitor_maps={'student_iou_labeled': partial(student_score_map, model=model)})

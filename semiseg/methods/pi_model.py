@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import optax
 
 from semiseg import augment
-from semiseg.methods import base, consistency, unet
+from semiseg.methods import base, consistency, synthetic, unet
 from semiseg.models.unet import UNet
 
 
 def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, tx: optax.GradientTransformation,
-               spec: augment.AugmentSpec, max_weight: float, rampup_steps: int):
-  images, masks = unet.augmented_labeled(state, batch, spec)
+               spec: augment.AugmentSpec, max_weight: float, rampup_steps: int,
+               synth: synthetic.SynthSpec | None = None):
+  images, masks = unet.augmented_labeled(state, batch, spec, synth)
   unlabeled = base.to_float(batch['unlabeled']['image'])
   in_hw = tuple(unlabeled.shape[1:3])
   # fold_in(.., 1): independent of the labeled warp, which uses the step key itself.
@@ -47,9 +48,11 @@ def create(config, ctx: base.MethodContext) -> base.Method:
   tx = base.optimizer_from_config(config, ctx)
   spec = base.augment_spec(config, ctx)
   max_weight, rampup_steps = consistency.settings(config)
+  synth = synthetic.from_config(config)
+  names, sizes = unet.streams(synth, ('labeled', 'unlabeled'), own_unlabeled=config.unlabeled_batch_size)
   return base.Method(
-      name='pi_model', streams=('labeled', 'unlabeled'), score_kind='probability', config_keys=CONFIG_KEYS,
+      name='pi_model', streams=names, batch_sizes=sizes, score_kind='probability', config_keys=CONFIG_KEYS,
       init=partial(unet.init, model=model, tx=tx, image_size=ctx.image_size),
       train_step=partial(train_step, model=model, tx=tx, spec=spec, max_weight=max_weight,
-                         rampup_steps=rampup_steps),
+                         rampup_steps=rampup_steps, synth=synth if synth.enabled else None),
       score_map=partial(unet.score_map, model=model))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from semiseg import augment
-from semiseg.methods import base
+from semiseg.methods import base, synthetic
 from semiseg.models.unet import UNet
 
 
@@ -29,17 +29,30 @@ def create_model(config) -> UNet:
               head_bias_init=float(math.log(PRIOR / (1.0 - PRIOR))))
 
 
-def augmented_labeled(state: base.TrainState, batch: base.Batch, spec: augment.AugmentSpec):
-  """The labeled images and masks as floats, through the same random rigid warp."""
-  images = base.to_float(batch['labeled']['image'])
-  masks = batch['labeled']['mask'].astype(jnp.float32)
+def supervised_batch(state: base.TrainState, batch: base.Batch, synth: synthetic.SynthSpec | None = None):
+  """The labeled images and masks as floats, then (config.synth) the unlabeled images that carry synthetic
+  defects, with their masks, both unwarped (stored size)."""
+  parts = []
+  if synth is None or synth.labeled:
+    parts.append((base.to_float(batch['labeled']['image']), batch['labeled']['mask'].astype(jnp.float32)))
+  if synth is not None and synth.enabled:
+    parts.append(synthetic.defects(base.step_key(state), batch['unlabeled']['image'], synth))
+  if len(parts) == 1:
+    return parts[0]
+  return tuple(jnp.concatenate(x) for x in zip(*parts))
+
+
+def augmented_labeled(state: base.TrainState, batch: base.Batch, spec: augment.AugmentSpec,
+                      synth: synthetic.SynthSpec | None = None):
+  """The labeled (and synthetic) images and masks as floats, through the same random rigid warp."""
+  images, masks = supervised_batch(state, batch, synth)
   images, masks, _ = augment.augment_batch(base.step_key(state), images, masks, spec)
   return images, masks
 
 
 def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, tx: optax.GradientTransformation,
-               spec: augment.AugmentSpec):
-  images, masks = augmented_labeled(state, batch, spec)
+               spec: augment.AugmentSpec, synth: synthetic.SynthSpec | None = None):
+  images, masks = augmented_labeled(state, batch, spec, synth)
 
   def loss_fn(params):
     return base.sigmoid_bce(model.apply(params, images), masks)
@@ -60,15 +73,25 @@ def init(key: jax.Array, *, model: UNet, tx, image_size: int, in_channels: int =
 
 
 # The keys only the U-Net family reads (Method.config_keys): changing one keeps the grid's other cells.
-CONFIG_KEYS = ('model.unet_features', 'model.unet_depth', 'model.unet_norm')
+CONFIG_KEYS = ('model.unet_features', 'model.unet_depth', 'model.unet_norm', 'synth')
+
+
+def streams(synth: synthetic.SynthSpec, primary: tuple[str, ...] = ('labeled',),
+            own_unlabeled: int | None = None) -> tuple[tuple[str, ...], dict[str, int] | None]:
+  """(Method.streams, Method.batch_sizes): ``primary`` and the run's rule without synthetic defects."""
+  if not synth.enabled:
+    return primary, None
+  return synthetic.streams_and_sizes(synth, own_unlabeled)
 
 
 def create(config, ctx: base.MethodContext) -> base.Method:
   model = create_model(config)
   tx = base.optimizer_from_config(config, ctx)
   spec = base.augment_spec(config, ctx)
+  synth = synthetic.from_config(config)
+  names, sizes = streams(synth)
   return base.Method(
-      name='unet', streams=('labeled',), score_kind='probability', config_keys=CONFIG_KEYS,
+      name='unet', streams=names, batch_sizes=sizes, score_kind='probability', config_keys=CONFIG_KEYS,
       init=partial(init, model=model, tx=tx, image_size=ctx.image_size),
-      train_step=partial(train_step, model=model, tx=tx, spec=spec),
+      train_step=partial(train_step, model=model, tx=tx, spec=spec, synth=synth if synth.enabled else None),
       score_map=partial(score_map, model=model))
