@@ -32,7 +32,9 @@ def cell_notes(c, ev: dict) -> list[str]:
                  + '; '.join(ev['health']['warnings']) + ').')
   gate = ev.get('diff_gate') or {}
   if gate and not gate.get('open', True):
-    notes.append(f'{c.category}/seed{c.seed}/{c.name}: D entered the U-Net as zeros: on the labeled images it '
+    what = ('|I − M| entered the U-Net in D\'s place' if gate.get('rule') == 'best'  # diff_gate='best'
+            else 'D entered the U-Net as zeros')
+    notes.append(f'{c.category}/seed{c.seed}/{c.name}: {what}: on the labeled images D '
                  f'ranks defect pixels at AUROC {gate["d_auroc_labeled"]:.3f}, |I − M| at '
                  f'{gate["trivial_auroc_labeled"]:.3f} (config.model.diff_gate={gate["rule"]!r}).')
   return notes

@@ -100,8 +100,7 @@ def stored_aux(images_BxSxSx3: jax.Array, ae_params, *, ae_model: ConvAutoencode
 def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, ae_model: ConvAutoencoder,
                tx: optax.GradientTransformation, spec: augment.AugmentSpec, mode: str, sigma: float,
                tile: int | None = None, scale: float = 1.0, gate: float = 1.0,
-               synth: synthetic.SynthSpec | None = None, mean=None, inspect=None):
-  """``inspect``, when given, is called with the U-Net's input and target masks (tests)."""
+               synth: synthetic.SynthSpec | None = None, mean=None):
   if mode == 'image':
     images, masks = unet.augmented_labeled(state, batch, spec, synth)
     inputs = images
@@ -126,8 +125,6 @@ def train_step(state: base.TrainState, batch: base.Batch, *, model: UNet, ae_mod
     warped, masks, _ = augment.augment_batch(base.step_key(state), jnp.concatenate([images, diff], -1),
                                              masks, spec)
     inputs = warped if mode == 'image+diff' else warped[..., 3:]
-  if inspect is not None:
-    inspect(inputs, masks)
 
   def loss_fn(params):
     return base.sigmoid_bce(model.apply(params, inputs), masks)
