@@ -96,8 +96,8 @@ def test_textures_train_on_crops_evaluate_as_stitched_tiles_and_predict_at_the_s
   seen = []
   real = unet.augmented_labeled
 
-  def spy(state, batch, spec):
-    images, masks = real(state, batch, spec)
+  def spy(state, batch, spec, synth=None):
+    images, masks = real(state, batch, spec, synth)
     record(seen, batch['labeled']['image'], images)
     return images, masks
   with pytest.MonkeyPatch.context() as mp:
