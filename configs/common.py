@@ -267,49 +267,42 @@ def cpu(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
 SIZES = ('smoke', 'cpu', 'paper')
 
 
-def paper_recipe(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
-  """The paper's text wherever it speaks (the base config's values of the recipe keys)."""
-  c.recipe = 'paper'
-  c.model.unet_norm = 'none'
-  c.model.ae_bottleneck = 'dense'
-  c.model.latent_dim = 500
-  c.model.ae_normalize = 'none'
-  c.ae_augment = 'same'
-  c.model.diff_blur = 0.0
-  c.model.diff_channels = 'mean'
-  c.model.diff_scale = 'none'
-  c.model.diff_gate = 'none'
-  c.anogan.g_ema_decay = 0.0
+# The recipes: each key's value under recipe=paper (the paper's text; the base config's value) and under
+# recipe=semiseg (the project's measured departure; experiments/results/recipes.md lists them).
+RECIPE_KEYS = {
+    # GroupNorm after every 3x3 convolution of every U-Net method: the plain U-Net did not fit its
+    # labeled images at the CPU budget (experiments/results/normalization.md).
+    'model.unet_norm': ('none', 'group'),
+    # The AE: a spatial code of 8 channels on per-image standardized inputs, trained without warps; the
+    # paper's dense code did not learn the textures (experiments/results/difference_image.md).
+    'model.ae_bottleneck': ('dense', 'conv'),
+    'model.latent_dim': (500, 8),
+    'model.ae_normalize': ('none', 'image'),
+    'ae_augment': ('same', 'none'),
+    # D blurred by 1 px, reduced by the channel max (colour defects show in one channel) and divided by
+    # its 99th percentile for the U-Net (experiments/results/difference_image.md).
+    'model.diff_blur': (0.0, 1.0),
+    'model.diff_channels': ('mean', 'max'),
+    'model.diff_scale': ('none', 'p99'),
+    # D enters only where it ranks the labeled images' defect pixels better than |I - M|
+    # (experiments/results/diff_gate.md).
+    'model.diff_gate': ('none', 'trivial'),
+    # AnoGAN's latent search inverts an average of the generators (experiments/results/anogan_cpu_budget.md).
+    'anogan.g_ema_decay': (0.0, 0.999),
+}
+RECIPES = ('paper', 'semiseg')
+
+
+def apply_recipe(c: config_dict.ConfigDict, recipe: str) -> config_dict.ConfigDict:
+  """Sets config.recipe and the recipe's value of every key of RECIPE_KEYS."""
+  c.recipe = recipe
+  for key, (paper, semiseg) in RECIPE_KEYS.items():
+    *parents, leaf = key.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = paper if recipe == 'paper' else semiseg
   return c
-
-
-def semiseg_recipe(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
-  """The project's measured recipe: each departure from the paper with its study
-  (experiments/results/recipes.md lists them)."""
-  c.recipe = 'semiseg'
-  # GroupNorm after every 3x3 convolution of every U-Net method: the plain U-Net did not fit its labeled
-  # images at the CPU budget (experiments/results/normalization.md).
-  c.model.unet_norm = 'group'
-  # The AE: a spatial code of 8 channels on per-image standardized inputs, trained without warps; the
-  # paper's dense code did not learn the textures (experiments/results/difference_image.md).
-  c.model.ae_bottleneck = 'conv'
-  c.model.latent_dim = 8
-  c.model.ae_normalize = 'image'
-  c.ae_augment = 'none'
-  # D blurred by 1 px, reduced by the channel max (colour defects show in one channel) and divided by its
-  # 99th percentile for the U-Net (experiments/results/difference_image.md).
-  c.model.diff_blur = 1.0
-  c.model.diff_channels = 'max'
-  c.model.diff_scale = 'p99'
-  # D enters only where it ranks the labeled images' defect pixels better than |I - M|
-  # (experiments/results/diff_gate.md).
-  c.model.diff_gate = 'trivial'
-  # AnoGAN's latent search inverts an average of the generators (experiments/results/anogan_cpu_budget.md).
-  c.anogan.g_ema_decay = 0.999
-  return c
-
-
-RECIPES = {'paper': paper_recipe, 'semiseg': semiseg_recipe}
 
 
 def make_config(arg: str | None, *, where: str, dataset: str, category: str, categories: tuple[str, ...],
@@ -335,7 +328,7 @@ def make_config(arg: str | None, *, where: str, dataset: str, category: str, cat
     cpu(c)
   for extra in (sizes or {}).get(size, ()):
     extra(c)
-  RECIPES[recipe](c)
+  apply_recipe(c, recipe)
   if 'smoke' in words:
     smoke(c)
   return c, pairs
