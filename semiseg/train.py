@@ -222,8 +222,9 @@ def _loop(run: Run, ckpt, state, step, progress):
   pending = None
   t_last, n_last = time.perf_counter(), step
   compile_s, t_first, first_step = None, None, step + 1
+  # The monitor watches the labeled images: none in zero-label mode (config.data.k_labeled=0), nothing to watch.
   watcher = (monitor.Monitor(method, run.ctx, mesh, run.data.labeled, float(config.threshold))
-             if method.monitor is not None else None)
+             if method.monitor is not None and len(run.data.labeled) else None)
   batch = next(batches)
   _, abstract_metrics = jax.eval_shape(method.train_step, state, batch)
   checkpoint.compile_digest(state)  # now, not at the first save
