@@ -135,6 +135,8 @@ def trivial_quality(data, num_bins: int, channels: str = 'mean') -> dict:
   mean = mean_image(data.unlabeled)
   out = {}
   for name, split in (('test', data.test), ('train', data.labeled)):
+    if not len(split):  # no labeled image (config.data.k_labeled=0)
+      continue
     res, _ = metrics_at(trivial_difference(split.images, mean, channels), split, 0.5, num_bins)
     out[name] = {k: res[k] for k in THRESHOLD_FREE_D}
   return out
@@ -175,6 +177,8 @@ def colour_quality(data, num_bins: int) -> dict:
   w = colour_whitener(data.unlabeled.images, mean)
   out = {}
   for name, split in (('test', data.test), ('train', data.labeled)):
+    if not len(split):  # no labeled image (config.data.k_labeled=0)
+      continue
     res, _ = metrics_at(colour_distance(split.images, mean, w), split, 0.5, num_bins)
     out[name] = {k: res[k] for k in THRESHOLD_FREE_D}
   return out

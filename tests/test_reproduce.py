@@ -352,7 +352,8 @@ def test_fingerprints_from_the_methods_declarations_equal_the_former_table(tmp_p
   family = ('unet', 'pi_model', 'mean_teacher', 'ae_unet')
   former = {'pca': ('pca',), 'anogan': ('anogan',), 'consistency': ('pi_model', 'mean_teacher'),
             **{f'model.unet_{k}': family for k in ('features', 'depth', 'norm')},
-            'model.unet_input': ('ae_unet',), 'model.diff_gate': ('ae_unet',)}
+            'model.unet_input': ('ae_unet',), 'model.diff_gate': ('ae_unet',),
+            'synth': family}  # config.synth came later (issue 33), read by the U-Net family only
 
   def former_fingerprint(c):
     d = json.loads(c.to_json_best_effort())
@@ -410,18 +411,37 @@ def test_a_failed_worker_is_named_with_its_log_and_cells(tmp_path):
   assert 'worker 1 (shard 1/2) exited with code 3' in text and '6 of 6 cells not finished' in text
 
 
-@pytest.fixture(scope='module')
-def two_workers(tmp_path_factory):
+def two_workers_job(tmp_path_factory, background):
   """The layout grid run by ``--config.workers=2``: shards 0/2 and 1/2 as two processes at once on one
-  workdir; and the same grid's brick cells run here in one process (washer's: the module's ``repro``)."""
+  workdir. Its datasets are built here, the child started when the session's background thread comes
+  to it (conftest.Background)."""
+  from semiseg.data import pipeline
   root = str(tmp_path_factory.mktemp('workers'))
+  config = layout_config()
+  for category in grid.split_list(config.categories):  # built once, before the workers read them
+    cell = grid.cell_config(config, grid.Cell('synthetic_defects', category, 0, 'ae'), root)
+    pipeline.load_category(cell.data, None)
   args = ['--config', 'configs/reproduce.py:synthetic,smoke', '--workdir', root, '--config.workers=2']
   args += [f'--config.{k}={str(v).lower()}' for k, v in LAYOUT_GRID.items()]
   env = dict(os.environ, JAX_PLATFORMS='cpu', TQDM_DISABLE='1')
   env['SEMISEG_JAX_CACHE'] = os.environ['SEMISEG_TEST_JAX_CACHE']
-  done = subprocess.run([sys.executable, '-m', 'experiments.reproduce'] + args, cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=480)
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+  def run():
+    done = background.run([sys.executable, '-m', 'experiments.reproduce'] + args, cwd=ROOT, env=env,
+                          timeout=480)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return root
+  return run
+
+
+BACKGROUND_JOBS = {'two_workers': two_workers_job}
+
+
+@pytest.fixture(scope='module')
+def two_workers(background, tmp_path_factory):
+  """The layout grid by two local workers (``two_workers_job``); and the same grid's brick cells run
+  here in one process (washer's: the module's ``repro``)."""
+  root = background.result('two_workers', two_workers_job, tmp_path_factory)
   one = str(tmp_path_factory.mktemp('one_process'))
   reproduce.reproduce(layout_config(categories='brick'), one, progress=False)
   return root, one
