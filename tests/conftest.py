@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny configs; compiled steps are cached per test module.
+"""Shared fixtures: tiny configs; compiled steps are cached per test module; the subprocess work of
+the slowest module fixtures starts with the session, beside the in-process tests (``Background``).
 
 Nothing a test runs reads the developer's own data or caches (``~/tensorflow_datasets``, ``~/.cache``)
 or leaves files in the system temp dir: the TFDS data dir is the session's ``tmp_path``, and the
@@ -7,9 +8,12 @@ compiled kernels in the benchmark tests) live in pytest's cache folder (``.pytes
 between runs of the suite.
 """
 
+import concurrent.futures
 import os
 import shutil
+import subprocess
 import tempfile
+import threading
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TQDM_DISABLE', '1')
@@ -57,6 +61,93 @@ def tfds_data_dir(tmp_path_factory):
   own (a SEMISEG_DATA_DIR set in the environment is ignored here)."""
   os.environ['SEMISEG_DATA_DIR'] = str(tmp_path_factory.mktemp('tfds'))
   return os.environ['SEMISEG_DATA_DIR']
+
+
+NICENESS = 10  # of the background children
+
+
+class Background:
+  """The subprocess work of a few module fixtures, started when the session starts.
+
+  The suite keeps about one core busy (its user + sys time was its wall time, on 2 cores): the tests
+  run one at a time and XLA compiles a program on one thread. A test module names such work in
+  ``BACKGROUND_JOBS = {fixture_name: job}``: ``job(tmp_path_factory, background)`` runs on the main
+  thread when the session starts (folders, datasets; nothing that compiles) and returns a callable that
+  starts the children (``popen``, ``run``) and reads their answers. One thread runs those callables one
+  after another, in the order their fixtures are first needed, on the core the in-process tests leave
+  idle; the fixture waits for its job's result (``result``), or runs the job itself where the session
+  did not start it.
+  """
+
+  def __init__(self):
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='background')
+    self._futures: dict[str, concurrent.futures.Future] = {}
+    self._procs: list[subprocess.Popen] = []
+    self._lock = threading.Lock()
+    self._closed = False
+    self.env = dict(os.environ)  # the children's, unless given: never a test's monkeypatched environment
+
+  def submit(self, name: str, job, tmp_path_factory) -> None:
+    if name in self._futures:
+      return
+    try:
+      self._futures[name] = self._pool.submit(job(tmp_path_factory, self))
+    except Exception as e:  # noqa: BLE001 - its fixture raises it, not every test of the session
+      self._futures[name] = concurrent.futures.Future()
+      self._futures[name].set_exception(e)
+
+  def result(self, name: str, job, tmp_path_factory):
+    future = self._futures.get(name)
+    return job(tmp_path_factory, self)() if future is None else future.result()
+
+  def popen(self, args, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen at a lower priority (``nice``: the in-process tests, which the session waits
+    for, keep their core); a child still running when the session ends (a failed or stopped run) is
+    killed."""
+    nice = [shutil.which('nice'), '-n', str(NICENESS)] if shutil.which('nice') else []
+    with self._lock:
+      if self._closed:
+        raise RuntimeError('the session has ended')
+      proc = subprocess.Popen(nice + list(args), **{'env': self.env, **kwargs})
+      self._procs.append(proc)
+    return proc
+
+  def run(self, args, *, timeout: float, capture_output: bool = True, text: bool = True,
+          **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(args, capture_output=True, text=True, timeout=...) through ``popen``."""
+    assert capture_output and text
+    proc = self.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+      out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.communicate()
+      raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+  def close(self) -> None:
+    for future in self._futures.values():
+      future.cancel()
+    with self._lock:
+      self._closed = True
+      for proc in self._procs:
+        if proc.poll() is None:
+          proc.kill()
+          proc.wait()
+    self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def background(request, tmp_path_factory, tfds_data_dir):
+  """The session's Background, its jobs started for the fixtures the selected tests use."""
+  del tfds_data_dir  # set first: the jobs' children read the session's datasets
+  jobs = Background()
+  for item in request.session.items:  # job fixture names are unique across the test modules
+    for name, job in getattr(getattr(item, 'module', None), 'BACKGROUND_JOBS', {}).items():
+      if name in getattr(item, 'fixturenames', ()):
+        jobs.submit(name, job, tmp_path_factory)
+  yield jobs
+  jobs.close()
 
 
 _EXIT_STATUS = {}
