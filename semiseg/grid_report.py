@@ -34,7 +34,8 @@ def cell_notes(c, ev: dict) -> list[str]:
   if gate and not gate.get('open', True):
     what = ('|I − M| entered the U-Net in D\'s place' if gate.get('rule') == 'best'  # diff_gate='best'
             else 'D entered the U-Net as zeros')
-    notes.append(f'{c.category}/seed{c.seed}/{c.name}: {what}: on the labeled images D '
+    ranked = gate.get('ranked', 'labeled')  # 'synthetic' in zero-label mode (data.k_labeled=0)
+    notes.append(f'{c.category}/seed{c.seed}/{c.name}: {what}: on the {ranked} images D '
                  f'ranks defect pixels at AUROC {gate["d_auroc_labeled"]:.3f}, |I − M| at '
                  f'{gate["trivial_auroc_labeled"]:.3f} (config.model.diff_gate={gate["rule"]!r}).')
   return notes

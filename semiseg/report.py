@@ -70,7 +70,7 @@ def diff_quality_rows(ev: dict, dataset: str, category: str, seed: int) -> list[
   """diff_quality.csv rows of an AE cell's eval.json: its test split and its labeled images."""
   out = []
   for split, key in (('test', 'test'), ('labeled', 'train')):
-    d, t = ev[key], (ev.get('trivial') or {}).get(key) or {}
+    d, t = ev[key] or {}, (ev.get('trivial') or {}).get(key) or {}  # train: null without labeled images
     c = (ev.get('colour') or {}).get(key) or {}  # absent in eval.json files written before it
     out.append(dict(dataset=dataset, category=category, seed=int(seed), split=split,
                     pixel_auroc=number(d.get('pixel_auroc')), pixel_ap=number(d.get('pixel_ap')),
