@@ -21,8 +21,10 @@ import dataclasses
 import fcntl
 import gc
 import io
+import json
 import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -68,9 +70,39 @@ def _category_inputs(root: str, category: str, data, n: int) -> None:
             filenames=np.asarray([data.test.filenames[i] for i in idx]))
 
 
+CELL_FILE = 'cell.json'  # in a cell's workdir: the fingerprint its checkpoints were trained for
+
+
+def recorded_fingerprint(wd: str) -> str | None:
+  """The fingerprint a cell's workdir was trained for: its cell.json, else its eval.json's."""
+  for name, read in ((CELL_FILE, lambda d: d.get('fingerprint')),
+                     ('eval.json', lambda d: (d.get('reproduce') or {}).get('fingerprint'))):
+    path = os.path.join(wd, name)
+    if os.path.exists(path):
+      with open(path) as f:
+        return read(json.load(f))
+  return None
+
+
+def start_cell(wd: str, fp: str) -> None:
+  """A workdir trained for another config (a stale cell) moves aside to ``<wd>.stale-<its fingerprint>``,
+  so the cell trains afresh instead of resuming the other config's checkpoints; then records ``fp``."""
+  if not _is_main():
+    return
+  recorded = recorded_fingerprint(wd)
+  if recorded is not None and recorded != fp:
+    aside = f'{wd}.stale-{recorded}'
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(wd, aside)
+    log.warning('%s was trained for another config: moved to %s; the cell trains afresh.', wd, aside)
+  os.makedirs(wd, exist_ok=True)
+  fileio.write_json_atomic(os.path.join(wd, CELL_FILE), {'fingerprint': fp})
+
+
 def run_cell(cell: Cell, config, root: str, data, mesh, overlay_dir: str | None, progress: bool) -> dict:
   """Trains (or resumes) one cell, evaluates it, writes its figure maps, overlays and eval.json (last)."""
   wd = cell.workdir(root)
+  start_cell(wd, grid.fingerprint(config))
   result = train.train(config, wd, mesh=mesh, data=data, progress=progress)
   if _is_main() and not os.path.exists(os.path.join(wd, 'split.json')):
     fileio.write_json_atomic(os.path.join(wd, 'split.json'), data.manifest)

@@ -492,3 +492,30 @@ def test_a_collecting_call_writes_the_full_report_training_nothing(two_workers, 
     shutil.move(os.path.join(cell, 'eval.json.away'), os.path.join(cell, 'eval.json'))
   assert got.cells_missing == ['washer/seed0/unet']
   assert '1 of 6 cells not finished' in open(got.report_path).read()
+
+
+def test_a_stale_cell_trains_afresh_and_its_old_workdir_is_kept_aside(tmp_path, monkeypatch):
+  """A cell whose config changed does not resume the other config's finished checkpoints (it would only
+  be evaluated again): its workdir moves to <wd>.stale-<old fingerprint> and the cell trains from step 0."""
+  config = smoke_config()
+  config.methods, config.ablations = 'unet', False
+  resumed = []
+  real_train = train.train
+
+  def recording_train(*args, **kwargs):
+    result = real_train(*args, **kwargs)
+    resumed.append(result.resumed_from)
+    return result
+  monkeypatch.setattr(train, 'train', recording_train)
+  root = str(tmp_path)
+  reproduce.reproduce(config, root, progress=False)
+  wd = os.path.join(root, 'washer', 'seed0', 'unet')
+  old_fp = json.load(open(os.path.join(wd, 'eval.json')))['reproduce']['fingerprint']
+  assert json.load(open(os.path.join(wd, reproduce.CELL_FILE))) == {'fingerprint': old_fp}
+  config.optim.learning_rate *= 2  # the same shapes: the old checkpoints would load and be resumed
+  again = reproduce.reproduce(config, root, progress=False)
+  assert again.cells_run == ['washer/seed0/unet'] and resumed == [None, None]
+  new_fp = json.load(open(os.path.join(wd, 'eval.json')))['reproduce']['fingerprint']
+  assert new_fp != old_fp
+  aside = f'{wd}.stale-{old_fp}'
+  assert json.load(open(os.path.join(aside, 'eval.json')))['reproduce']['fingerprint'] == old_fp
