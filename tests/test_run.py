@@ -6,7 +6,7 @@ import pytest
 from configs import mvtec, synthetic
 from semiseg import restore, run, train
 from semiseg.data import categories, pipeline
-from tests.methods import test_steps
+from tests.methods import test_base
 
 
 def _data(n_unlabeled=10, n_labeled=3, size=16, texture=False):
@@ -74,7 +74,7 @@ def test_the_applied_learning_rate_decays_x08_every_30_epochs_of_unlabeled_image
   method, ctx, total = r.method, r.ctx, r.num_train_steps
   steps_per_epoch = 3  # ceil(10 unlabeled images / batch 4)
   assert (ctx.steps_per_epoch, total) == (steps_per_epoch, 95 * steps_per_epoch)
-  lrs = test_steps.applied_learning_rates(method.train_step.keywords['tx'], total)  # the step's optimizer
+  lrs = test_base.applied_learning_rates(method.train_step.keywords['tx'], total)  # the step's optimizer
   k = np.arange(total) // (30 * steps_per_epoch)  # decays after 30, 60 and 90 epochs
   np.testing.assert_allclose(lrs, 1e-4 * 0.8 ** k, rtol=1e-4)
   assert set(k) == {0, 1, 2, 3}

@@ -1,9 +1,12 @@
-"""The consistency term of pi_model and mean_teacher past its ramp-up, where it is not negligible: its part
-of the loss (numpy by hand) and of the gradients (jax.grad of a loss written out by hand), both methods.
+"""The consistency term shared by pi_model and mean_teacher: the aligned agreement of two warped views
+(exact pixel-grid warps), the ramp-up, both methods' steps, and the term past its ramp-up, where it is not
+negligible: its part of the loss (numpy by hand) and of the gradients (jax.grad of a loss written out by
+hand), both methods.
 
-The two views are the image and its transpose: they disagree (the U-Net is not transpose-equivariant), and
-the warp between them is exact on the pixel grid, so the reference needs no resampling: view 2's map in
-view 1's frame is p2 transposed, valid on rows and columns 2..13 of 16 (at least 1.5 px inside the image).
+Past the ramp-up, the two views are the image and its transpose: they disagree (the U-Net is not
+transpose-equivariant), and the warp between them is exact on the pixel grid, so the reference needs no
+resampling: view 2's map in view 1's frame is p2 transposed, valid on rows and columns 2..13 of 16 (at
+least 1.5 px inside the image).
 """
 
 import functools
@@ -14,7 +17,9 @@ import numpy as np
 import pytest
 
 from configs import synthetic
+from semiseg import augment
 from semiseg.methods import base, consistency, testing, unet
+from tests.methods.tiny import fixed_batch, make, tiny_config
 
 SIZE = 16
 VALID = slice(2, SIZE - 2)  # valid_region(identity, margin=1.5): 1.5 <= row, col <= 13.5
@@ -117,3 +122,99 @@ def test_consistency_term_in_loss_and_gradients_past_rampup(method, monkeypatch)
   assert np.linalg.norm(term) > 0.1 * np.linalg.norm(want), (np.linalg.norm(term), np.linalg.norm(want))
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())
   assert np.linalg.norm(got - want) < 0.01 * np.linalg.norm(term)
+
+
+# Exact pixel-aligned rigid maps (90-degree turns, flips, integer shifts/crops): bilinear reads land on
+# pixel centres, so a per-pixel model commutes with the warps exactly.
+def integer_matrix(quarter_turns, flip, shift, in_hw, out_hw):
+  c_in = (np.array(in_hw) - 1) / 2
+  c_out = (np.array(out_hw) - 1) / 2
+  a = np.linalg.matrix_power(np.array([[0.0, 1.0], [-1.0, 0.0]]), quarter_turns) @ np.diag([1.0, flip])
+  m = np.eye(3)
+  m[:2, :2] = a
+  m[:2, 2] = c_in + np.array(shift) - a @ c_out  # centre of view -> centre of x + integer shift
+  return m.astype(np.float32)
+
+
+@pytest.mark.parametrize('in_size,shift_range', [(SIZE, 3), (2 * SIZE, 8)])  # objects; texture crops
+def test_aligned_consistency_is_zero_for_an_equivariant_model_and_positive_otherwise(in_size, shift_range):
+  rng = np.random.default_rng(in_size)
+  b, in_hw, out_hw = 6, (in_size, in_size), (SIZE, SIZE)
+  draws = [[integer_matrix(rng.integers(4), rng.choice([-1.0, 1.0]), rng.integers(-shift_range, shift_range + 1, 2),
+                           in_hw, out_hw) for _ in range(b)] for _ in range(2)]
+  m1, m2 = (jnp.asarray(np.stack(d)) for d in draws)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (b, *in_hw, 3))
+  v1, v2 = (augment.warp_batch(x, m, out_hw, 1, 'constant') for m in (m1, m2))
+
+  def per_pixel(v):  # a fixed function of each pixel's own values: exactly equivariant
+    return jax.nn.sigmoid(4.0 * v[..., :1] - 2.0 + v[..., 1:2])
+
+  def positional(v):  # depends on where the pixel sits in the view: not equivariant
+    rows = jnp.arange(v.shape[1], dtype=jnp.float32)[None, :, None, None] / v.shape[1]
+    return jax.nn.sigmoid(4.0 * v[..., :1] - 2.0 + 3.0 * rows)
+
+  _, valid = consistency.align_to_view1(per_pixel(v2), m1, m2, in_hw)
+  assert float(valid.mean()) > 0.2
+  zero = consistency.aligned_consistency(per_pixel(v1), per_pixel(v2), m1, m2, in_hw)
+  assert float(zero) < 1e-12
+  assert float(consistency.aligned_consistency(positional(v1), positional(v2), m1, m2, in_hw)) > 1e-3
+
+
+@pytest.mark.parametrize('texture', [False, True])
+def test_valid_region_reads_only_pixels_that_saw_the_image(texture):
+  """Independent check of the derived mask with random rotations: push 'this pixel read x' (warp of
+  ones, zero outside) through both warps; wherever the mask says valid, it must be exactly 1."""
+  spec = augment.AugmentSpec(max_rotation_deg=30.0, max_translate=0.15, crop_size=SIZE if texture else None)
+  in_hw = (2 * SIZE, 2 * SIZE) if texture else (SIZE, SIZE)
+  ones = jnp.ones((32, *in_hw, 1))
+  _, _, m1 = augment.augment_batch(jax.random.PRNGKey(1), ones, None, spec)
+  _, _, m2 = augment.augment_batch(jax.random.PRNGKey(2), ones, None, spec)
+  out_hw = (SIZE, SIZE)
+  # Coverage: 1 where every bilinear neighbour lay inside x; less where the zero border leaked in.
+  cov1 = augment.warp_batch(ones, m1, out_hw, 1, 'constant')
+  cov2 = augment.warp_batch(ones, m2, out_hw, 1, 'constant')
+  cov2_in_1, valid = consistency.align_to_view1(cov2, m1, m2, in_hw)
+  v = np.asarray(valid, bool)
+  assert 0.2 < v.mean() < 1.0
+  # valid_region accepts points up to 1e-3 px past an edge (float slack of composed matrices), where
+  # the bilinear weight of the outside neighbour is at most 1e-3: that is the tolerance.
+  np.testing.assert_allclose(np.asarray(cov1)[v], 1.0, atol=1.01e-3)
+  np.testing.assert_allclose(np.asarray(cov2_in_1)[v], 1.0, atol=1.01e-3)
+  assert np.mean(np.asarray(cov2_in_1)[v] == 1.0) > 0.99
+  assert np.asarray(cov2_in_1)[~v].min() < 0.99  # the mask is needed: outside it the border leaks in
+
+
+@pytest.mark.parametrize('method', ['pi_model', 'mean_teacher'])
+def test_semi_supervised_step_advances_and_is_finite(method):
+  m, state, step = make(method)
+  new, metrics = step(state, fixed_batch())
+  assert int(new.step) == 1
+  extra = {'ema_decay'} if method == 'mean_teacher' else set()
+  assert set(metrics) == {'loss', 'ce', 'consistency', 'consistency_weight'} | extra
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  c = tiny_config(method).consistency
+  # Step 0: the ramp-up's start. The term's part of the loss and gradients is checked past the ramp-up,
+  # where it is not negligible (here w * c is ~5e-8 of the loss), in
+  # test_consistency_term_in_loss_and_gradients_past_rampup.
+  np.testing.assert_allclose(float(metrics['consistency_weight']), c.weight * np.exp(-5.0), rtol=1e-5)
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, new.params)
+  assert all(jax.tree.leaves(changed))
+
+
+@pytest.mark.parametrize('method', ['pi_model', 'mean_teacher'])
+def test_semi_supervised_overfits_one_batch(method):
+  m, state, step = make(method)
+  batch = fixed_batch()
+  losses = []
+  for _ in range(12):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['ce']))
+  assert losses[-1] < losses[0], losses
+  probs = np.asarray(jax.jit(m.score_map)(state, base.to_float(batch['labeled']['image'])))
+  assert probs.shape == (4, SIZE, SIZE) and probs.min() >= 0 and probs.max() <= 1
+
+
+def test_rampup_is_the_sigmoid_schedule():
+  w = [float(consistency.rampup_weight(jnp.asarray(s), 2.0, 10)) for s in (0, 5, 10, 20)]
+  np.testing.assert_allclose(w, [2 * np.exp(-5), 2 * np.exp(-5 * 0.25), 2.0, 2.0], rtol=1e-6)
+  assert float(consistency.rampup_weight(jnp.asarray(0), 2.0, 0)) == 2.0
