@@ -1,4 +1,4 @@
-"""Writes tiny MVTec-layout trees for tests (random images, blob masks)."""
+"""Writes tiny MVTec-layout trees for tests (random images, blob masks); reads a built TFDS dataset back."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 from PIL import Image
+
+from semiseg.data import tfds_common
 
 # MVTec AD's real folder sizes: train/good, then every test folder (good first), as downloaded.
 MVTEC_FOLDER_COUNTS = {
@@ -74,3 +76,13 @@ def write_mvtec(root: str, per_type: int = 4, size: int = 8, categories=None) ->
     types = {f'type{j}': per_type for j in range(MVTEC_DEFECT_TYPE_COUNTS[c])}
     write_category(root, c, types, size=size, seed=len(c))
   return root
+
+
+def read_all(builder) -> dict[str, dict]:
+  """{filename: example, with its split} of every example a built TFDS dataset holds."""
+  out = {}
+  for split, source in builder.as_data_source().items():
+    for i in range(len(source)):
+      ex = source[i]
+      out[tfds_common.decode_str(ex['filename'])] = dict(ex, split=split)
+  return out

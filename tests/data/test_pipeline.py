@@ -1,12 +1,15 @@
-"""Loading a category and the batch stream: pure order, exact resume, process shards, prefetch."""
+"""Loading a category and the batch stream: pure order, exact resume, process shards, prefetch; the
+suite's own data dir."""
 
 import itertools
+import os
 
 import numpy as np
 import pytest
 
+from configs import synthetic
 from configs.common import get_base_config
-from semiseg.data import pipeline, throughput
+from semiseg.data import pipeline
 from tests.data import fake_tree
 
 
@@ -119,37 +122,6 @@ def test_load_synthetic_and_mvtec(tmp_path, monkeypatch):
     pipeline.load_category(_config(name='mvtec_ad', category='bottle'), None)
 
 
-def test_throughput_counts_the_timed_batches_only(monkeypatch):
-  """On a clock that advances 0.25 s per batch drawn: 8 images per 0.25 s is 32 images/s, whatever the
-  steps (the warm-up batch drawn and put on device, untimed); every batch goes to the device; the stream
-  is closed."""
-  clock, drawn, put, closed = [100.0], [], [], []
-  real_stream = pipeline.batch_stream
-
-  def stream(split, **kw):
-    inner = real_stream(split, **kw)
-    try:
-      for batch in inner:
-        clock[0] += 0.25
-        drawn.append(batch)
-        yield batch
-    finally:
-      inner.close()
-      closed.append(True)
-  monkeypatch.setattr(pipeline, 'batch_stream', stream)
-  monkeypatch.setattr(throughput.time, 'perf_counter', lambda: clock[0])
-  real_put = throughput.jax.device_put
-  monkeypatch.setattr(throughput.jax, 'device_put', lambda x: put.append(x) or real_put(x))
-  for steps in (3, 5):
-    drawn.clear(), put.clear()
-    assert throughput.measure_input(_split(40, 32), batch_size=8, steps=steps) == pytest.approx(32.0)
-    assert len(drawn) == len(put) == steps + 1 and all(len(b['image']) == 8 for b in drawn)
-  assert closed == [True, True]
-  drawn.clear(), put.clear()
-  throughput.measure_input(_split(40, 32), batch_size=8, steps=2, to_device=False)
-  assert (len(drawn), put) == (3, [])
-
-
 @pytest.mark.parametrize('prefetch', [0, 2])
 def test_prefetched_calls_make_step_after_step_and_raises_its_error_at_next(prefetch):
   calls = []
@@ -164,3 +136,15 @@ def test_prefetched_calls_make_step_after_step_and_raises_its_error_at_next(pref
   with pytest.raises(ValueError, match='bad batch 5'):
     next(it)
   assert calls == [2, 3, 4, 5]
+
+
+def test_the_suite_never_uses_the_users_data_dir_or_caches(tmp_path_factory):
+  """Datasets are built in this session's tmp_path, whatever SEMISEG_DATA_DIR the developer has set;
+  compilation and font caches are the suite's own (tests/conftest.py)."""
+  spec = pipeline.DataSpec.from_config(synthetic.get_config('washer,smoke').data)
+  assert spec.data_dir is None  # so the builder's data dir is SEMISEG_DATA_DIR
+  data_dir = os.path.realpath(str(pipeline.create_builder(spec).data_dir_root))
+  assert data_dir.startswith(os.path.realpath(str(tmp_path_factory.getbasetemp())) + os.sep), data_dir
+  home = os.path.realpath(os.path.expanduser('~'))
+  for var in ('SEMISEG_JAX_CACHE', 'SEMISEG_TEST_JAX_CACHE', 'MPLCONFIGDIR', 'TORCHINDUCTOR_CACHE_DIR'):
+    assert not os.path.realpath(os.environ[var]).startswith(os.path.join(home, '.cache')), var

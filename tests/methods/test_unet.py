@@ -29,5 +29,6 @@ def test_the_image_side_must_halve_cleanly_through_the_depth():
   config.data.image_size = 3 * 2 ** depth  # halves depth times: 3 x 2**depth -> 3
   unet.validate(config)
   config.data.image_size = 3 * 2 ** depth + 2 ** (depth - 1)  # the last halving would leave a half pixel
-  with pytest.raises(ValueError, match=rf'image_size={config.data.image_size} .*2\*\*config\.model\.unet_depth={2 ** depth}'):
+  want = rf'image_size={config.data.image_size} .*2\*\*config\.model\.unet_depth={2 ** depth}'
+  with pytest.raises(ValueError, match=want):
     unet.validate(config)
