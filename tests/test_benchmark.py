@@ -4,7 +4,6 @@ import collections
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -42,15 +41,28 @@ def _child_env() -> dict[str, str]:
   return env
 
 
-def test_gpu_command_on_tiny_shapes(tmp_path):
-  """The GPU check, at the smoke shapes on this CPU: GEMM peaks per precision; train steps of the three
-  methods and AE + U-Net inference at batch 1 and 16, fp32 and bf16, each beside the PyTorch variants of
-  its precision; analytic GFLOP/s against the peak of the row's precision; JSON and traces written."""
+def gpu_command_job(tmp_path_factory, background):
+  """The GPU check's command at the smoke shapes (in-memory data), run by the session's background thread
+  (conftest.Background)."""
+  tmp_path = tmp_path_factory.mktemp('gpu_command')
   out, trace = tmp_path / 'gpu.json', tmp_path / 'trace'
   cmd = [sys.executable, '-m', 'experiments.benchmark', '--what=gpu', '--shapes=smoke', f'--out={out}',
          f'--trace={trace}', '--repeats=1', '--min_sample_s=0', '--gemm_n=64', '--torch_variants=fp32,bf16_cl',
          '--loop_steps=2']
-  proc = subprocess.run(cmd, cwd=ROOT, env=_child_env(), capture_output=True, text=True, timeout=600)
+  env = _child_env()
+  return lambda: (background.run(cmd, cwd=ROOT, env=env, timeout=600), out, trace)
+
+
+@pytest.fixture(scope='module')
+def gpu_command(background, tmp_path_factory):
+  return background.result('gpu_command', gpu_command_job, tmp_path_factory)
+
+
+def test_gpu_command_on_tiny_shapes(gpu_command):
+  """The GPU check, at the smoke shapes on this CPU: GEMM peaks per precision; train steps of the three
+  methods and AE + U-Net inference at batch 1 and 16, fp32 and bf16, each beside the PyTorch variants of
+  its precision; analytic GFLOP/s against the peak of the row's precision; JSON and traces written."""
+  proc, out, trace = gpu_command
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads(out.read_text())
   by_workload = collections.defaultdict(list)
@@ -87,12 +99,26 @@ def setting_config():
   return synthetic.get_config('washer,smoke')
 
 
-def test_loop_record_on_tiny_shapes(tmp_path):
-  """--what=loop writes a loop record: the loop's images/s beside the bare jitted step's, ratio = loop / step."""
-  out = tmp_path / 'loop.json'
+def loop_command_job(tmp_path_factory, background):
+  """--what=loop at the smoke shapes, run by the session's background thread (conftest.Background)."""
+  out = tmp_path_factory.mktemp('loop_command') / 'loop.json'
   cmd = [sys.executable, '-m', 'experiments.benchmark', '--what=loop', '--shapes=smoke', f'--out={out}',
          '--repeats=1', '--loop_steps=3', '--gemm_n=64']
-  proc = subprocess.run(cmd, cwd=ROOT, env=_child_env(), capture_output=True, text=True, timeout=600)
+  env = _child_env()
+  return lambda: (background.run(cmd, cwd=ROOT, env=env, timeout=600), out)
+
+
+BACKGROUND_JOBS = {'gpu_command': gpu_command_job, 'loop_command': loop_command_job}
+
+
+@pytest.fixture(scope='module')
+def loop_command(background, tmp_path_factory):
+  return background.result('loop_command', loop_command_job, tmp_path_factory)
+
+
+def test_loop_record_on_tiny_shapes(loop_command):
+  """--what=loop writes a loop record: the loop's images/s beside the bare jitted step's, ratio = loop / step."""
+  proc, out = loop_command
   assert proc.returncode == 0, proc.stderr[-3000:]
   [loop] = [r for r in json.loads(out.read_text()) if r['workload'] == 'loop']
   assert loop['unit'] == 'images/s' and loop['semiseg_per_s'] > 0 and loop['reference_per_s'] > 0

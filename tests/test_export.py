@@ -56,17 +56,44 @@ def strict_json(path) -> dict:
     return json.load(f, parse_constant=reject)
 
 
-@pytest.fixture(scope='module')
-def ae_unet(tmp_path_factory):
-  """Trained in-process, exported through the CLI; two test images at a size of their own (45 x 38)."""
+TRAIN = ('import sys; from configs import synthetic; from semiseg import train; '
+         'train.train(synthetic.get_config(sys.argv[1]), sys.argv[2], progress=False)')
+
+
+def ae_unet_job(tmp_path_factory, background):
+  """Trained by train.train in a child, then exported through the CLI: both run by the session's
+  background thread (conftest.Background), the dataset built here first."""
+  from semiseg.data import pipeline
   config = synthetic.get_config(AE_UNET)
+  pipeline.load_category(config.data, None)
   wd, out = str(tmp_path_factory.mktemp('ae_unet')), str(tmp_path_factory.mktemp('ae_unet_export'))
-  result = train.train(config, wd, progress=False)
+  env = child_env()
+  env.update(JAX_COMPILATION_CACHE_DIR=os.environ['SEMISEG_TEST_JAX_CACHE'],  # the tests' compilation cache
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  commands = [[sys.executable, '-c', TRAIN, AE_UNET, wd],
+              [sys.executable, '-m', 'experiments.export', '--config', f'configs/synthetic.py:{AE_UNET}',
+               '--workdir', wd, '--out', out] + ([] if HAVE_ONNX else ['--noonnx'])]
+
+  def run_job():
+    for command in commands:
+      proc = background.run(command, cwd=ROOT, env=env, timeout=300)
+      assert proc.returncode == 0, proc.stderr[-3000:]
+    return config, wd, out
+  return run_job
+
+
+BACKGROUND_JOBS = {'ae_unet': ae_unet_job}
+
+
+@pytest.fixture(scope='module')
+def ae_unet(background, tmp_path_factory):
+  """Trained and exported (``ae_unet_job``); two of the run's test images at a size of their own (45 x 38)."""
+  from semiseg.data import categories, pipeline
+  config, wd, out = background.result('ae_unet', ae_unet_job, tmp_path_factory)
+  data = pipeline.load_category(categories.apply_category_rules(config).data, wd)  # the run's split
   inputs = tmp_path_factory.mktemp('inputs')
-  for i, image in enumerate(result.data.test.images[:2]):
+  for i, image in enumerate(data.test.images[:2]):
     Image.fromarray(image).resize((45, 38), Image.BICUBIC).save(inputs / f'part{i}.png')
-  run([sys.executable, '-m', 'experiments.export', '--config', f'configs/synthetic.py:{AE_UNET}',
-       '--workdir', wd, '--out', out] + ([] if HAVE_ONNX else ['--noonnx']))
   return config, wd, out, str(inputs)
 
 

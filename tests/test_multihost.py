@@ -23,46 +23,58 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(args: list[str], log_path: str) -> subprocess.Popen:
+def start(args: list[str], log_path: str, popen=subprocess.Popen) -> subprocess.Popen:
   log = open(log_path, 'w')
-  return subprocess.Popen([sys.executable, WORKER, 'train', *args], stdout=log, stderr=subprocess.STDOUT,
-                          cwd=os.path.dirname(os.path.dirname(WORKER)))
+  return popen([sys.executable, WORKER, 'train', *args], stdout=log, stderr=subprocess.STDOUT,
+               cwd=os.path.dirname(os.path.dirname(WORKER)))
 
 
-@pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def runs_job(tmp_path_factory, background):
   """Processes 0 and 1 (2 fake devices each) in one workdir, and one process with 4 devices.
 
   Each trains the ``:smoke`` AE + U-Net (AE 2 steps, then U-Net 2 steps, then a rerun to 4 steps that
   restores the step-2 checkpoint) and evaluates it; the same global batch of 4 in both set-ups.
+  The dataset is built here, the children started when the session's background thread comes to them
+  (conftest.Background).
   """
   from configs import synthetic
   from semiseg.data import pipeline
   tmp = tmp_path_factory.mktemp('multihost')
   pipeline.load_category(synthetic.get_config('washer,smoke').data, None)  # the dataset, built once here
-  port = free_port()
-  procs = {f'p{i}': start(['--devices', '2', '--workdir', str(tmp / 'multi'), '--out', str(tmp / f'p{i}'),
-                           '--coordinator_address', f'localhost:{port}', '--num_processes', '2',
-                           '--process_id', str(i)], str(tmp / f'p{i}.log')) for i in range(2)}
-  procs['ref'] = start(['--devices', '4', '--workdir', str(tmp / 'single'), '--out', str(tmp / 'ref')],
-                       str(tmp / 'ref.log'))
-  try:
-    for name, proc in procs.items():
-      rc = proc.wait(timeout=TIMEOUT_S)
-      assert rc == 0, f'{name} exited with {rc}:\n' + open(tmp / f'{name}.log').read()[-4000:]
-  finally:
-    for proc in procs.values():
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-  out = {}
-  for name in procs:
-    with open(tmp / f'{name}.json') as f:
-      out[name] = json.load(f)
-    with np.load(tmp / f'{name}.npz') as z:
-      out[name]['params'] = [z[k] for k in sorted(z.files, key=lambda k: int(k.split('_')[1]))]
-  out['tmp'] = tmp
-  return out
+
+  def run():
+    port = free_port()
+    procs = {f'p{i}': start(['--devices', '2', '--workdir', str(tmp / 'multi'), '--out', str(tmp / f'p{i}'),
+                             '--coordinator_address', f'localhost:{port}', '--num_processes', '2',
+                             '--process_id', str(i)], str(tmp / f'p{i}.log'), background.popen) for i in range(2)}
+    procs['ref'] = start(['--devices', '4', '--workdir', str(tmp / 'single'), '--out', str(tmp / 'ref')],
+                         str(tmp / 'ref.log'), background.popen)
+    try:
+      for name, proc in procs.items():
+        rc = proc.wait(timeout=TIMEOUT_S)
+        assert rc == 0, f'{name} exited with {rc}:\n' + open(tmp / f'{name}.log').read()[-4000:]
+    finally:
+      for proc in procs.values():
+        if proc.poll() is None:
+          proc.kill()
+          proc.wait()
+    out = {}
+    for name in procs:
+      with open(tmp / f'{name}.json') as f:
+        out[name] = json.load(f)
+      with np.load(tmp / f'{name}.npz') as z:
+        out[name]['params'] = [z[k] for k in sorted(z.files, key=lambda k: int(k.split('_')[1]))]
+    out['tmp'] = tmp
+    return out
+  return run
+
+
+BACKGROUND_JOBS = {'runs': runs_job}
+
+
+@pytest.fixture(scope='module')
+def runs(background, tmp_path_factory):
+  return background.result('runs', runs_job, tmp_path_factory)
 
 
 def test_two_processes_see_one_global_mesh(runs):

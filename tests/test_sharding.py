@@ -21,20 +21,30 @@ CLUSTER_VARS = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'
                 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES')
 
 
-def run_worker(args: list[str], out: str, timeout: float = 600) -> dict:
-  """Runs tests/multihost_worker.py in a fresh interpreter (its own XLA_FLAGS) and reads its JSON."""
-  proc = subprocess.run([sys.executable, WORKER, *args, '--out', out], capture_output=True, text=True,
-                        timeout=timeout, cwd=os.path.dirname(os.path.dirname(WORKER)))
+def run_worker(args: list[str], out: str, timeout: float = 600, run=subprocess.run) -> dict:
+  """Runs tests/multihost_worker.py in a fresh interpreter (its own XLA_FLAGS) and reads its JSON;
+  ``run``: subprocess.run or a conftest.Background's."""
+  proc = run([sys.executable, WORKER, *args, '--out', out], capture_output=True, text=True,
+             timeout=timeout, cwd=os.path.dirname(os.path.dirname(WORKER)))
   assert proc.returncode == 0, proc.stderr[-4000:]
   with open(out) as f:
     return json.load(f)
 
 
+def four_devices_job(tmp_path_factory, background):
+  """Two steps of every registry method with a train step, on 4 fake devices and on 1, in one child
+  (conftest.Background: started with the session)."""
+  out = str(tmp_path_factory.mktemp('steps') / 'steps.json')
+  return lambda: run_worker(['steps', '--devices', '4', '--size', '16', '--batch', '8', '--num_steps', '2'],
+                            out, run=background.run)
+
+
+BACKGROUND_JOBS = {'four_devices': four_devices_job}
+
+
 @pytest.fixture(scope='module')
-def four_devices(tmp_path_factory):
-  """Two steps of every registry method with a train step, on 4 fake devices and on 1, in one child."""
-  return run_worker(['steps', '--devices', '4', '--size', '16', '--batch', '8', '--num_steps', '2'],
-                    str(tmp_path_factory.mktemp('steps') / 'steps.json'))
+def four_devices(background, tmp_path_factory):
+  return background.result('four_devices', four_devices_job, tmp_path_factory)
 
 
 @pytest.mark.parametrize('name', sorted(REGISTRY))
