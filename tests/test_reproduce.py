@@ -4,7 +4,6 @@ shards and local workers give the same numbers as one process, and a collecting 
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
