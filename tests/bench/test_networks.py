@@ -1,4 +1,5 @@
-"""The benchmark's workloads: their analytic FLOP count against XLA's cost analysis of the compiled programs."""
+"""The benchmark's workloads: their analytic FLOP count against XLA's cost analysis of the compiled
+programs; a failing torch.compile recorded while the rest is measured."""
 
 import copy
 
@@ -6,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from semiseg.bench import networks
+from semiseg.bench import networks, suite
 
 
 @pytest.mark.parametrize('name', networks.TRAIN_METHODS)
@@ -41,3 +42,19 @@ def test_workloads_match_xla_up_to_elementwise_ops(smoke_config, name):
     assert blur == [(False, False)] * (2 if smoke_config.model.diff_blur > 0 else 0)
     assert len(ae) + len(seg) + len(blur) == len(count.layers) and ae == [(False, False)] * len(ae)
     assert seg == [(False, True)] + [(True, True)] * (len(seg) - 1)
+
+
+def test_a_failing_torch_compile_is_recorded_and_the_rest_measured(setting, monkeypatch):
+  torch = suite.Torch()
+  if torch.module is None:
+    pytest.skip('PyTorch not installed')
+
+  def no_compiler(module, *args, **kwargs):
+    raise RuntimeError('InductorError: no working C++ compiler')
+  monkeypatch.setattr(torch.module, 'compile', no_compiler)
+  records = networks.bench_infer(setting, torch, {'fp32': 1.0}, batch_sizes=(1,), precisions=('fp32',),
+                              variants=('fp32', 'fp32_cl_compile'))
+  assert [r.reference.split(' cpu ')[-1] for r in records] == ['fp32 NCHW eager', 'fp32 channels_last compiled']
+  plain, compiled = records
+  assert plain.ratio > 0 and compiled.semiseg_per_s > 0 and compiled.reference_per_s is None
+  assert 'RuntimeError: InductorError: no working C++ compiler' in compiled.note
