@@ -18,7 +18,7 @@ from PIL import Image
 
 from configs import synthetic
 from semiseg import evaluate, predict, restore, train
-from semiseg.methods import ae_unet, autoencoder, create_method, unet
+from semiseg.methods import ae_unet, autoencoder, create_method, testing, unet
 
 
 def record(seen: list, *arrays) -> None:
@@ -142,17 +142,6 @@ def test_textures_train_on_crops_evaluate_as_stitched_tiles_and_predict_at_the_s
   assert Image.open(tmp_path / 'out' / 'other_score.png').size == (56, 40)
 
 
-class _Spy:
-  """A U-Net stand-in for the step: records what it is applied to, then runs the real one."""
-
-  def __init__(self, model):
-    self.model, self.inputs = model, []
-
-  def apply(self, params, x):
-    self.inputs.append(x)
-    return self.model.apply(params, x)
-
-
 @pytest.mark.parametrize('texture', [False, True])
 def test_the_unet_trains_on_the_warped_difference_image_of_the_stored_image(texture):
   """The U-Net trains on W(I) and W(|I - AE(I)|), D taken of the stored image (textures: tile by tile,
@@ -170,7 +159,7 @@ def test_the_unet_trains_on_the_warped_difference_image_of_the_stored_image(text
   stored = 2 * size if texture else size
   batch = testing.fixed_batch(('labeled',), stored, 3, seed=1)
   ae_params, ae_model = state.extras['ae_params'], autoencoder.create_model(config)
-  spy = _Spy(unet.create_model(config))
+  spy = testing.Spy(unet.create_model(config))
   tx = base.optimizer_from_config(config, ctx)
   spec = base.augment_spec(config, ctx)
   kwargs = dict(model=spy, ae_model=ae_model, tx=tx, spec=spec, mode='image+diff', sigma=1.0,
@@ -230,7 +219,7 @@ def test_diff_scale_p99_divides_d_by_its_99th_percentile_over_the_unlabeled_imag
   d_unlabeled = np.asarray(autoencoder.difference(ae_params, unlabeled.astype(np.float32) / 255.0, ae_model, sigma))
   p99 = np.percentile(d_unlabeled, 99)
   assert p99 > 1e-3
-  spy = _Spy(unet.create_model(config))
+  spy = testing.Spy(unet.create_model(config))
   images = testing.fixed_batch(('labeled',), size, 3, seed=3)['labeled']['image'].astype(np.float32) / 255.0
   method.score_map.func(state, images, **{**method.score_map.keywords, 'model': spy})
   d = np.asarray(autoencoder.difference(ae_params, images, ae_model, sigma))

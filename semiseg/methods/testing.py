@@ -94,3 +94,15 @@ def create_tiny(config, *, image_size: int = 16, batch_size: int = 8, dtype: str
   method = create_untrained(c, ctx)
   return Tiny(config=c, ctx=ctx, method=method, state=init_state(method, jax.random.PRNGKey(seed)),
               batch=fixed_batch(method.streams, image_size, batch_size, seed))
+
+
+class Spy:
+  """A model stand-in for a step (e.g. the U-Net of ae_unet): records what it is applied to, then runs
+  the real one, so a test reads the input the step hands its network."""
+
+  def __init__(self, model):
+    self.model, self.inputs = model, []
+
+  def apply(self, params, x):
+    self.inputs.append(x)
+    return self.model.apply(params, x)

@@ -19,21 +19,10 @@ from semiseg.methods import ae_unet, autoencoder, base, synthetic, testing, unet
 SIZE = 16
 
 
-class _Spy:
-  """A U-Net stand-in: records what it is applied to, then runs the real one."""
-
-  def __init__(self, model):
-    self.model, self.inputs = model, []
-
-  def apply(self, params, x):
-    self.inputs.append(x)
-    return self.model.apply(params, x)
-
-
 def unet_input_of(step, state, batch, model, **kw):
   """The input ``step`` (a train_step) hands its U-Net, under jit."""
   def run(state, batch):
-    spy = _Spy(model)
+    spy = testing.Spy(model)
     step(state, batch, model=spy, **kw)
     return spy.inputs[0]
   return np.asarray(jax.jit(run)(state, batch))
@@ -265,7 +254,7 @@ def test_diff_gate_best_feeds_the_map_that_ranks_better(monkeypatch, d_wins):
     mean = unlabeled.astype(np.float64).mean(0) / 255.0
     return blur(np.abs(x - mean).astype(np.float32), 1.0)
   want = reference(lab['image']) / np.percentile(reference(unlabeled), 99)
-  spy = _Spy(unet.create_model(config))
+  spy = testing.Spy(unet.create_model(config))
   method.score_map.func(state, lab['image'].astype(np.float32) / 255.0, **{**method.score_map.keywords, 'model': spy})
   np.testing.assert_allclose(np.asarray(spy.inputs[0])[..., 3:], want, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(method.stream_fields['labeled']['diff'](lab['image']), want, rtol=1e-4, atol=1e-5)
