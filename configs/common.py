@@ -59,8 +59,8 @@ def select_category(c: config_dict.ConfigDict, words: list[str], categories: tup
   and flips follow from it in the library (semiseg/data/categories.py), however it was set."""
   unknown = [w for w in words if w not in categories + other_words]
   if unknown:
-    raise ValueError(f'{where}: unknown arg word(s) {unknown}; use a category of {categories} or one of '
-                     f'{other_words}.')
+    choices = (f'a category of {categories} or ' if categories else '') + f'one of {other_words}'
+    raise ValueError(f'{where}: unknown arg word(s) {unknown}; use {choices} (or key=value).')
   for w in words:
     if w in categories:
       c.data.category = w

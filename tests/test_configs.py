@@ -109,6 +109,8 @@ def test_arg_pairs_are_typed_and_checked():
     synthetic.get_config('batch_size=many')
   with pytest.raises(ValueError, match='unknown arg word'):
     mvtec.get_config('bottel')
+  with pytest.raises(ValueError, match=r"unknown arg word\(s\) \['cpux'\]; use one of \('smoke', 'cpu', 'paper'\)"):
+    folder.get_config('cpux')  # no category list to offer
 
 
 def test_placeholders_accept_overrides():
