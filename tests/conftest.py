@@ -55,6 +55,27 @@ def smoke_config():
   return synthetic.get_config('washer,smoke')
 
 
+@pytest.fixture
+def replace_unet_loss(monkeypatch):
+  """``replace_unet_loss(loss_fn)`` makes unet's train step report ``loss_fn(state_before, state_after,
+  loss)`` as its loss (a NaN at a chosen step, a loss that tracks the step)."""
+  import dataclasses
+  from semiseg.methods import unet
+  create = unet.create
+
+  def replace(loss_fn):
+    def create_with_loss(config, ctx):
+      method = create(config, ctx)
+      step = method.train_step
+
+      def replaced(state, batch):
+        new, metrics = step(state, batch)
+        return new, {**metrics, 'loss': loss_fn(state, new, metrics['loss'])}
+      return dataclasses.replace(method, train_step=replaced)
+    monkeypatch.setattr(unet, 'create', create_with_loss)
+  return replace
+
+
 @pytest.fixture(scope='session', autouse=True)
 def tfds_data_dir(tmp_path_factory):
   """One TFDS data dir for the whole session, so each tiny dataset is built once; never the user's

@@ -10,7 +10,7 @@ import pytest
 from configs import synthetic
 from semiseg import methods
 from semiseg.methods import base, create_method, testing
-from tests.methods.tiny import SIZE, ctx, fixed_batch, make, tiny_config
+from tests.methods.tiny import SIZE, ctx, fit_one_batch, fixed_batch, make, tiny_config
 
 METHODS = ['ae', 'unet', 'ae_unet']
 
@@ -27,12 +27,7 @@ def test_step_advances_changes_params_and_is_finite(method):
 
 @pytest.mark.parametrize('method', METHODS)
 def test_overfits_one_batch(method):
-  m, state, step = make(method)
-  batch = fixed_batch()
-  losses = []
-  for _ in range(12):
-    state, metrics = step(state, batch)
-    losses.append(float(metrics['loss']))
+  losses = fit_one_batch(method)[-1]
   assert losses[-1] < losses[0], losses
 
 

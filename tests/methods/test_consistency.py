@@ -19,7 +19,7 @@ import pytest
 from configs import synthetic
 from semiseg import augment
 from semiseg.methods import base, consistency, testing, unet
-from tests.methods.tiny import fixed_batch, make, tiny_config
+from tests.methods.tiny import fit_one_batch, fixed_batch, make, tiny_config
 
 SIZE = 16
 VALID = slice(2, SIZE - 2)  # valid_region(identity, margin=1.5): 1.5 <= row, col <= 13.5
@@ -203,12 +203,7 @@ def test_semi_supervised_step_advances_and_is_finite(method):
 
 @pytest.mark.parametrize('method', ['pi_model', 'mean_teacher'])
 def test_semi_supervised_overfits_one_batch(method):
-  m, state, step = make(method)
-  batch = fixed_batch()
-  losses = []
-  for _ in range(12):
-    state, metrics = step(state, batch)
-    losses.append(float(metrics['ce']))
+  m, state, batch, losses = fit_one_batch(method, 'ce')
   assert losses[-1] < losses[0], losses
   probs = np.asarray(jax.jit(m.score_map)(state, base.to_float(batch['labeled']['image'])))
   assert probs.shape == (4, SIZE, SIZE) and probs.min() >= 0 and probs.max() <= 1

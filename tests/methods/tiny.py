@@ -28,3 +28,15 @@ def make(method):
   """(method, fresh state, jitted train step): built once per method, whichever test file asks first."""
   tiny = testing.create_tiny(synthetic.get_config(f'washer,smoke,method={method}'), image_size=SIZE, batch_size=4)
   return tiny.method, tiny.state, jax.jit(tiny.method.train_step)
+
+
+def fit_one_batch(method, metric='loss', steps=12):
+  """(method, state, batch, losses): ``steps`` train steps on one fixed batch from a fresh state, and the
+  ``metric`` each reported."""
+  m, state, step = make(method)
+  batch = fixed_batch()
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics[metric]))
+  return m, state, batch, losses
